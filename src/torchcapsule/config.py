@@ -1,0 +1,485 @@
+"""capsule.yaml: the typed schema and loading with path-named, one-line errors.
+
+Parse once at the edge into an immutable `Project`; everything inward takes typed objects.
+Errors read `capsule.yaml:12: stages.train.resources.gpus: <problem>; <what is allowed>`.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+PROJECT_FILE = "capsule.yaml"
+NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# -- sizes and GPUs ----------------------------------------------------------------------------
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?\s*$")
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """'8Gi' -> 8589934592, '2g' -> 2000000000, 1024 -> 1024 (bytes)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"'{value}' is not a size; use a number with a unit such as 512Mi, 8Gi or 2g")
+    num, unit = m.groups()
+    return int(float(num) * _UNITS[(unit or "").lower()])
+
+
+class GpuRequest(_Model):
+    """`gpus: 2` or `gpus: "H100:4"`: a count and an optional GPU type."""
+
+    count: int = 0
+    type: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.count}" if self.type else str(self.count)
+
+
+def parse_gpus(value: Any) -> GpuRequest:
+    if isinstance(value, GpuRequest):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a GPU count such as 2 or a typed request such as H100:4, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} GPUs is negative; use 0 or more, or TYPE:N such as H100:4")
+        return GpuRequest(count=value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return GpuRequest(count=int(text))
+        if ":" in text:
+            gtype, _, count = text.partition(":")
+            if not count.strip().isdigit() or int(count) < 1:
+                raise ValueError(f"'{value}': the count after ':' must be a whole number >= 1, e.g. H100:4")
+            from .compat import load_matrix
+
+            matrix = load_matrix()
+            model = matrix.gpu(gtype)
+            if model is None:
+                close = difflib.get_close_matches(gtype.upper(), list(matrix.gpus), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"unknown GPU type '{gtype}'{hint}; known: {', '.join(matrix.gpus)}")
+            return GpuRequest(count=int(count), type=model.name)
+    raise ValueError(f"'{value}' is not a GPU request; use a count such as 2 or TYPE:N such as H100:4")
+
+
+# -- image ------------------------------------------------------------------------------------
+class User(_Model):
+    name: str = Field("mluser", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    uid: int = Field(1000, ge=1, le=65534)
+    gid: int | None = Field(None, ge=1, le=65534)
+
+
+class Image(_Model):
+    torch: str = "2.13.0"
+    cuda: str = "cpu"
+    python: str = "3.11"
+    flavor: Literal["jupyter-ssh", "slim"] = "jupyter-ssh"
+    base: str | None = None
+    pip: tuple[str, ...] = ()
+    apt: tuple[str, ...] = ()
+    user: User = User()
+    registry: str | None = None  # image repository prefix, e.g. ghcr.io/acme
+
+    @field_validator("torch", "python", "cuda", mode="before")
+    @classmethod
+    def _as_text(cls, v: Any) -> Any:
+        # YAML reads 3.10 as the float 3.1: refuse floats rather than guess.
+        if isinstance(v, float):
+            raise ValueError(
+                f"{v} was read as a number (YAML turns 3.10 into 3.1); quote versions, e.g. \"3.10\""
+            )
+        return str(v) if isinstance(v, int) else v
+
+    @field_validator("cuda")
+    @classmethod
+    def _cuda(cls, v: str) -> str:
+        from .compat import normalize_cuda
+
+        return normalize_cuda(v)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "Image":
+        from .compat import load_matrix
+
+        # CompatError's message already names image.<field>; re-raise as a plain value error
+        # so the loader prefixes the file name like every other field error.
+        from .errors import CompatError
+
+        try:
+            load_matrix().check(self.torch, self.cuda, self.python)
+        except CompatError as e:
+            raise ValueError(f"@{e.message}") from None
+        return self
+
+
+class Volumes(_Model):
+    workspace: str = "."
+    data: str = "./data"
+    models: str = "./models"
+    logs: str = "./logs"
+
+
+# -- stages -----------------------------------------------------------------------------------
+class Resources(_Model):
+    gpus: GpuRequest = GpuRequest()
+    nodes: int = Field(1, ge=1, le=4096)
+    cpus: int | None = Field(None, ge=1)
+    memory: str | None = None
+    shm_size: str | None = None
+    time: str | None = None  # wall-clock limit, e.g. "02:00:00"
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpus(cls, v: Any) -> GpuRequest:
+        return parse_gpus(v)
+
+    @field_validator("memory", "shm_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        parse_size(v)  # raises with the allowed forms
+        return str(v)
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return parse_size(self.memory) if self.memory else None
+
+    @property
+    def shm_bytes(self) -> int | None:
+        return parse_size(self.shm_size) if self.shm_size else None
+
+
+class Stage(_Model):
+    run: str = Field(min_length=1)
+    needs: tuple[str, ...] = ()
+    resources: Resources = Resources()
+    distributed: Literal["none", "ddp"] = "none"
+    env: dict[str, str] = {}
+    retries: int = Field(0, ge=0, le=100)
+    inputs: tuple[str, ...] = ()  # globs whose content decides whether a cached stage reruns
+    outputs: tuple[str, ...] = ()
+    workdir: str | None = None
+
+    @field_validator("needs", mode="before")
+    @classmethod
+    def _needs(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {str(k): str(x) for k, x in v.items()}
+        return v
+
+
+# -- registry, serve, schedule, targets -------------------------------------------------------
+class Promotion(_Model):
+    alias: str = "champion"
+    rule: str | None = None  # e.g. "accuracy >= 0.95 and accuracy >= champion.accuracy"
+
+
+class Registry(_Model):
+    tracking_uri: str | None = None  # default: sqlite under .capsule/
+    model_name: str | None = None
+    promote: Promotion = Promotion()
+
+
+class Serve(_Model):
+    model: str | None = None  # models:/NAME@ALIAS, models:/NAME/VERSION or a directory
+    handler: str | None = None  # "serve.py:Handler"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: float = Field(2.0, ge=0, le=10_000)
+    max_queue: int = Field(256, ge=1)
+    timeout_s: float = Field(10.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    workers: int = Field(1, ge=1)
+    device: str = "auto"
+
+
+_CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
+_CRON_RANGES = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
+_CRON_MACROS = {"@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@annually", "@midnight"}
+
+
+def check_cron(expr: str) -> str:
+    expr = expr.strip()
+    if expr in _CRON_MACROS:
+        return expr
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"'{expr}' has {len(fields)} fields; a cron expression has 5 "
+            "(minute hour day-of-month month day-of-week), e.g. '0 3 * * 1'"
+        )
+    names = ["minute", "hour", "day-of-month", "month", "day-of-week"]
+    for text, (lo, hi), name in zip(fields, _CRON_RANGES, names):
+        if not _CRON_FIELD.match(text):
+            raise ValueError(f"'{expr}': the {name} field '{text}' is not a number, range, list, step or '*'")
+        for n in re.findall(r"\d+", re.sub(r"/\d+", "", text)):
+            if not lo <= int(n) <= hi:
+                raise ValueError(f"'{expr}': {name} {n} is out of range {lo}-{hi}")
+    return expr
+
+
+class Schedule(_Model):
+    cron: str
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        return check_cron(v)
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class DockerTarget(_Model):
+    network: str | None = None  # e.g. "host"
+    ipc_host: bool = True
+    extra_args: tuple[str, ...] = ()
+
+
+class SlurmContainer(_Model):
+    runtime: Literal["pyxis", "apptainer"]
+    image: str | None = None  # default: the project image
+
+
+class SlurmTarget(_Model):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    constraint: str | None = None
+    container: SlurmContainer | None = None
+    extra_directives: tuple[str, ...] = ()
+
+
+class KubernetesTarget(_Model):
+    namespace: str = "default"
+    context: str | None = None
+    operator: Literal["none", "kubeflow"] = "none"
+    node_selector: dict[str, str] = {}
+    tolerations: tuple[Toleration, ...] = ()
+    affinity: dict[str, Any] | None = None
+    pvc: dict[str, str] = {}  # volume name (workspace/data/models/logs) -> PVC claim name
+    image_pull_secrets: tuple[str, ...] = ()
+    service_account: str | None = None
+
+
+class Targets(_Model):
+    docker: DockerTarget = DockerTarget()
+    slurm: SlurmTarget = SlurmTarget()
+    kubernetes: KubernetesTarget = KubernetesTarget()
+
+
+# -- the project ------------------------------------------------------------------------------
+class Project(_Model):
+    name: str = Field(pattern=NAME_RE)
+    image: Image = Image()
+    volumes: Volumes = Volumes()
+    stages: dict[str, Stage] = {}
+    registry: Registry = Registry()
+    serve: Serve = Serve()
+    schedule: Schedule | None = None
+    targets: Targets = Targets()
+    # Where the file was read from; not part of the YAML.
+    root: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names(cls, v: dict[str, Stage]) -> dict[str, Stage]:
+        for name in v:
+            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", name):
+                raise ValueError(f"stage name '{name}' may hold only letters, digits, '-' and '_'")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_known(self) -> "Project":
+        for name, stage in self.stages.items():
+            for need in stage.needs:
+                if need not in self.stages:
+                    close = difflib.get_close_matches(need, list(self.stages), n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise ValueError(
+                        f"@stages.{name}.needs: unknown stage '{need}'{hint}; "
+                        f"stages: {', '.join(self.stages)}"
+                    )
+        return self
+
+    def stage(self, name: str) -> Stage:
+        if name not in self.stages:
+            close = difflib.get_close_matches(name, list(self.stages), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"no stage '{name}' in {self.root / PROJECT_FILE}{hint}; stages: {', '.join(self.stages) or 'none'}"
+            )
+        return self.stages[name]
+
+    def volume_path(self, name: str) -> Path:
+        """Absolute host path of a volume (workspace, data, models, logs)."""
+        p = Path(getattr(self.volumes, name)).expanduser()
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+
+# -- loading ----------------------------------------------------------------------------------
+def find_project_file(path: str | Path | None = None) -> Path:
+    """A file path as given, or capsule.yaml in the directory (or its parents)."""
+    if path is not None:
+        p = Path(path)
+        if p.is_dir():
+            p = p / PROJECT_FILE
+        if not p.is_file():
+            raise ConfigError(f"{p}: no such file; pass the path of a capsule.yaml or run `capsule init DIR`")
+        return p
+    here = Path.cwd()
+    for d in (here, *here.parents):
+        if (d / PROJECT_FILE).is_file():
+            return d / PROJECT_FILE
+    raise ConfigError(f"no {PROJECT_FILE} in {here} or its parents; pass --file PATH or run `capsule init DIR`")
+
+
+def load_project(path: str | Path | None = None) -> Project:
+    file = find_project_file(path)
+    text = file.read_text()
+    return parse_project(text, file)
+
+
+def parse_project(text: str, file: Path | str = PROJECT_FILE) -> Project:
+    import yaml
+
+    file = Path(file)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        data = yaml.load(text, Loader=loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{file}{line}: not valid YAML: {problem}; fix the syntax at that line") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping with at least 'name:', got {type(data).__name__}")
+    try:
+        project = Project.model_validate({**data, "root": file.resolve().parent})
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, file, text)) from None
+    return project
+
+
+def _format_error(err: ValidationError, file: Path, text: str) -> str:
+    """The first error as one line: file:line: field.path: problem; allowed values."""
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"]]
+    msg = e["msg"].removeprefix("Value error, ")
+    if msg.startswith("@"):  # a validator that names its own field path
+        path_txt, _, msg = msg[1:].partition(": ")
+        loc = path_txt.split(".")
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        key = loc[-1]
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        msg = f"unknown key '{key}'; {hint}allowed: {', '.join(allowed)}"
+    elif kind == "literal_error":
+        msg = f"{msg.replace('Input should be', 'must be')} (got {e['input']!r})"
+    elif kind == "missing":
+        msg = "is required"
+    elif kind.endswith("_type") or kind.endswith("_parsing"):
+        msg = f"{msg} (got {e['input']!r})"
+    line = _line_of(text, loc)
+    where = f"{file}:{line}" if line else str(file)
+    return f"{where}: {'.'.join(loc)}: {msg}"
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    """Field names of the model at `loc` (for did-you-mean on unknown keys)."""
+    model: Any = Project
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            break
+        if part in fields:
+            ann = fields[part].annotation
+            model = _model_of(ann)
+        else:  # a dict key (a stage name): step into the dict's value model
+            continue
+    fields = getattr(model, "model_fields", {})
+    return [n for n, f in fields.items() if not f.exclude]
+
+
+def _model_of(ann: Any) -> Any:
+    from typing import get_args
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in get_args(ann):
+        m = _model_of(arg)
+        if m is not None:
+            return m
+    return None
+
+
+def _line_of(text: str, loc: list[str]) -> int | None:
+    """1-based line of the YAML node at `loc` (the deepest one that exists)."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if str(k.value) == part:
+                    line = k.start_mark.line + 1
+                    node = v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+__all__ = [
+    "Project", "Image", "User", "Volumes", "Stage", "Resources", "GpuRequest", "Registry",
+    "Promotion", "Serve", "Schedule", "Targets", "DockerTarget", "SlurmTarget", "SlurmContainer",
+    "KubernetesTarget", "Toleration", "load_project", "parse_project", "find_project_file",
+    "parse_size", "parse_gpus", "check_cron", "PROJECT_FILE",
+]

@@ -1,0 +1,78 @@
+"""One exception tree for torchcapsule.
+
+    CapsuleError                 any error meant for the user: one line, what/where/fix
+    ├── ConfigError              capsule.yaml or a flag is invalid (names file:field or --flag)
+    ├── CompatError              a torch/CUDA/Python/driver/GPU combination does not exist
+    ├── BackendError             a launch backend is missing, unreachable or refused a job
+    │   └── JobNotFound          a job id that no backend knows
+    ├── ImageError               rendering, locking, linting or building the image failed
+    ├── RegistryError            the model registry refused or cannot be reached
+    │   └── IntegrityError       a weight file does not match its recorded checksum
+    ├── ServeError               the inference service cannot start
+    └── PipelineError            the stage graph is invalid or a stage failed
+
+The CLI prints `error: <message>` for any CapsuleError and exits with `exit_code`
+(2 for usage/config errors, 1 otherwise); other exceptions are bugs and keep their traceback.
+"""
+from __future__ import annotations
+
+
+class CapsuleError(Exception):
+    """An error the user can fix; `str(err)` is the one-line message shown."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if not hint else f"{message} ({hint})")
+
+
+class ConfigError(CapsuleError):
+    exit_code = 2
+
+
+class CompatError(ConfigError):
+    pass
+
+
+class BackendError(CapsuleError):
+    pass
+
+
+class JobNotFound(BackendError):
+    pass
+
+
+class ImageError(CapsuleError):
+    pass
+
+
+class RegistryError(CapsuleError):
+    pass
+
+
+class IntegrityError(RegistryError):
+    pass
+
+
+class ServeError(CapsuleError):
+    pass
+
+
+class PipelineError(CapsuleError):
+    pass
+
+
+__all__ = [
+    "CapsuleError",
+    "ConfigError",
+    "CompatError",
+    "BackendError",
+    "JobNotFound",
+    "ImageError",
+    "RegistryError",
+    "IntegrityError",
+    "ServeError",
+    "PipelineError",
+]

@@ -1,0 +1,1 @@
+"""The project image: spec, rendering, lock, lint, build, tags."""

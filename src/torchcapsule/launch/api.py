@@ -1,0 +1,138 @@
+"""The launch contract: JobSpec (what to run), JobState/JobStatus (how it went), Backend.
+
+Modelled on TorchX's Scheduler: the base class owns `submit()` (= dryrun + schedule) and
+`wait()`; a backend implements small hooks and maps its native states through a table.
+`dryrun()` is a feature: it returns exactly what would be submitted (argv, sbatch script,
+manifests) so users can read it and tests can check it without a cluster.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..config import GpuRequest
+
+
+class JobState(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str  # "BACKEND:NATIVE_ID"
+    state: JobState
+    exit_code: int | None = None
+    reason: str | None = None  # why it failed / was cancelled, or the tail of its log
+    name: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id, "state": self.state.value, "exit_code": self.exit_code,
+            "reason": self.reason, "name": self.name,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+        }
+
+
+# Where each volume is mounted inside a container (docker, kubernetes, slurm containers).
+CONTAINER_MOUNTS = {"workspace": "/workspace", "data": "/data", "models": "/models", "logs": "/logs"}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One stage, resolved: everything a backend needs and nothing backend-specific."""
+
+    project: str
+    stage: str
+    command: tuple[str, ...]  # argv of the stage's `run` (split with shlex)
+    image: str  # the project image tag (docker/kubernetes/slurm containers)
+    workdir: Path  # host working directory (the workspace volume, or stage.workdir)
+    volumes: dict[str, Path]  # workspace/data/models/logs -> absolute host path
+    env: dict[str, str] = field(default_factory=dict)
+    gpus: GpuRequest = field(default_factory=GpuRequest)
+    nodes: int = 1
+    cpus: int | None = None
+    memory_bytes: int | None = None
+    shm_bytes: int | None = None
+    time_limit: str | None = None
+    distributed: str = "none"  # "none" | "ddp"
+    retries: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.project}-{self.stage}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.volumes["logs"]
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a backend would submit: `text` is shown to users; `request` is what schedule() takes."""
+
+    backend: str
+    spec: JobSpec
+    text: str
+    request: Any
+
+
+class Backend(ABC):
+    name: str = ""
+
+    # -- owned by the base class ------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> str:
+        """Submit a job; returns its id 'BACKEND:NATIVE'."""
+        self.check_available()
+        return self.schedule(self.dryrun(spec))
+
+    def wait(self, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None) -> JobStatus:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            st = self.status(job_id)
+            if st.state.terminal:
+                return st
+            if deadline is not None and time.monotonic() > deadline:
+                return st
+            time.sleep(poll_s)
+
+    def job_id(self, native: str) -> str:
+        return f"{self.name}:{native}"
+
+    # -- hooks each backend implements ------------------------------------------------------
+    @abstractmethod
+    def check_available(self) -> None:
+        """Raise BackendError (one line, with the fix) when the backend cannot be used here."""
+
+    @abstractmethod
+    def dryrun(self, spec: JobSpec) -> DryRun: ...
+
+    @abstractmethod
+    def schedule(self, dryrun: DryRun) -> str: ...
+
+    @abstractmethod
+    def status(self, job_id: str) -> JobStatus: ...
+
+    @abstractmethod
+    def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]: ...
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> None: ...
+
+    @abstractmethod
+    def list(self) -> list[JobStatus]: ...

@@ -1,0 +1,47 @@
+"""Stage -> JobSpec (pure apart from reading the project's paths)."""
+from __future__ import annotations
+
+import shlex
+
+from ..config import GpuRequest, Project, parse_gpus
+from ..errors import ConfigError
+from .api import JobSpec
+
+
+def job_spec(project: Project, stage_name: str, *, gpus: str | int | None = None,
+             nodes: int | None = None, image: str | None = None) -> JobSpec:
+    """Resolve a stage of capsule.yaml, with CLI overrides (--gpus, --nodes), into a JobSpec."""
+    from ..image.tags import project_tag
+
+    stage = project.stage(stage_name)
+    res = stage.resources
+    try:
+        gpu_req: GpuRequest = parse_gpus(gpus) if gpus is not None else res.gpus
+    except ValueError as e:
+        raise ConfigError(f"--gpus: {e}") from None
+    if nodes is not None and nodes < 1:
+        raise ConfigError(f"--nodes: {nodes} is not a node count; use 1 or more")
+    try:
+        command = tuple(shlex.split(stage.run))
+    except ValueError as e:
+        raise ConfigError(f"{project.root / 'capsule.yaml'}: stages.{stage_name}.run: {e}; fix the quoting") from None
+    volumes = {v: project.volume_path(v) for v in ("workspace", "data", "models", "logs")}
+    workdir = (project.root / stage.workdir).resolve() if stage.workdir else volumes["workspace"]
+    return JobSpec(
+        project=project.name,
+        stage=stage_name,
+        command=command,
+        image=image or project_tag(project),
+        workdir=workdir,
+        volumes=volumes,
+        env=dict(stage.env),
+        gpus=gpu_req,
+        nodes=nodes or res.nodes,
+        cpus=res.cpus,
+        memory_bytes=res.memory_bytes,
+        shm_bytes=res.shm_bytes,
+        time_limit=res.time,
+        distributed=stage.distributed,
+        retries=stage.retries,
+        labels={"torchcapsule.project": project.name, "torchcapsule.stage": stage_name},
+    )
