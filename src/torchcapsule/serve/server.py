@@ -1,0 +1,141 @@
+"""Run the service: uvicorn (httptools + uvloop) in one process, or N worker processes.
+
+SIGTERM/SIGINT: uvicorn stops accepting, lets in-flight requests finish (their batches run
+to the end), then the lifespan shutdown drains the batcher. With workers, the parent binds
+the socket once, starts N spawned children that share it, and forwards SIGTERM to them.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import ServeError
+from .app import ServeSettings
+
+log = logging.getLogger("torchcapsule.serve")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    model: str
+    handler: str | None = None
+    base_dir: str | None = None  # where relative model/handler paths are taken from
+    host: str = "127.0.0.1"
+    port: int = 8080
+    device: str = "auto"
+    workers: int = 1
+    gpu_per_worker: bool = False  # worker i uses cuda:i
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    log_level: str = "info"
+    settings: ServeSettings = field(default_factory=ServeSettings)
+
+
+def build_app(opts: ServerOptions, device_spec: str | None = None):
+    from .app import ServeApp
+    from .handler import load_handler_class
+    from .reload import make_source, resolve_device
+
+    base = Path(opts.base_dir) if opts.base_dir else None
+    source = make_source(opts.model, base_dir=base,
+                         cache_dir=(base or Path.cwd()) / ".capsule" / "serve-cache")
+    handler_cls = load_handler_class(opts.handler, base)
+    device = resolve_device(device_spec or opts.device)
+    return ServeApp(source, handler_cls, device, opts.settings)
+
+
+def _tune_runtime(opts: ServerOptions) -> None:
+    import torch
+
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    # Fewer young-generation collections under load; full collections stay rare because
+    # the app freezes its long-lived objects after warm-up (see ServeApp._load_first).
+    gc.set_threshold(10_000, 50, 100)
+
+
+def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec: str | None = None) -> None:
+    """Serve in this process until SIGTERM/SIGINT; raises ServeError if no version could load."""
+    import uvicorn
+
+    logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _tune_runtime(opts)
+    app = build_app(opts, device_spec)
+    config = uvicorn.Config(
+        app, host=opts.host, port=opts.port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=False, log_level=opts.log_level if opts.log_level != "info" else "warning",
+        timeout_graceful_shutdown=opts.settings.timeout_s + 5, timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(config)
+
+    def fatal(why: str) -> None:
+        server.should_exit = True
+
+    app.on_fatal = fatal
+    # uvicorn re-raises SIGTERM after its graceful shutdown; a drained, clean stop exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run(sockets=[sock] if sock is not None else None)
+    if app.failed:
+        raise ServeError(f"could not serve {opts.model}: {app.failed}")
+    if not server.started:
+        raise ServeError(f"could not listen on {opts.host}:{opts.port}",
+                         hint="is the port in use? pick another with --port")
+
+
+def _worker(opts_dict: dict, sock: socket.socket, index: int) -> None:
+    settings = ServeSettings(**opts_dict.pop("settings"))
+    opts = ServerOptions(**opts_dict, settings=settings)
+    device = f"cuda:{index}" if opts.gpu_per_worker else None
+    try:
+        run_one(opts, sock, device)
+    except ServeError as e:
+        print(f"error: worker {index}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_workers(opts: ServerOptions) -> None:
+    """N processes on one listening socket (the kernel spreads connections between them)."""
+    import multiprocessing as mp
+
+    sock = socket.socket(socket.AF_INET6 if ":" in opts.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((opts.host, opts.port))
+    except OSError as e:
+        raise ServeError(f"--port {opts.port}: cannot listen on {opts.host}: {e.strerror}",
+                         hint="pick another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    ctx = mp.get_context("spawn")  # no fork after torch/threads exist
+    d = asdict(opts)
+    procs = [ctx.Process(target=_worker, args=(dict(d), sock, i), name=f"capsule-serve-{i}")
+             for i in range(opts.workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = 0
+    for p in procs:
+        p.join()
+        failed += p.exitcode not in (0, None)
+    sock.close()
+    if failed:
+        raise ServeError(f"{failed} of {opts.workers} worker(s) exited with an error (see above)")
+
+
+def serve(opts: ServerOptions) -> None:
+    if opts.workers > 1:
+        run_workers(opts)
+    else:
+        run_one(opts)
