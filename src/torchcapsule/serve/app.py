@@ -122,6 +122,8 @@ class ServeApp:
             body = b"".join(parts)
         elif msg["type"] == "http.disconnect":
             return
+        if len(body) > limit:  # a chunked body can arrive whole in one message
+            return await self._reply(send, 413, f"body over the {limit} byte limit", t0=t0)
         runner = self.current
         if runner is None:
             return await self._reply(send, 503, "model not loaded yet", t0=t0,
@@ -257,7 +259,8 @@ def build_admin(app: ServeApp):
     def healthz() -> dict:
         return {"status": "alive"}
 
-    @api.get("/readyz", summary="Ready: a model version is loaded and warmed up")
+    @api.get("/readyz", summary="Ready: a model version is loaded and warmed up",
+             responses={503: {"description": "Loading, or the model failed to load"}})
     def readyz():
         r = app.current
         if r is None:
@@ -265,8 +268,8 @@ def build_admin(app: ServeApp):
             return JSONResponse(body, status_code=503)
         return {"status": "ready", "model": r.model.name, "version": r.version}
 
-    @api.get("/metrics", summary="Prometheus metrics")
-    def metrics() -> Response:
+    @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    def metrics():
         return Response(app.metrics.render(), media_type=app.metrics.content_type)
 
     @api.get("/v1/models", summary="The model version loaded, and reload history")

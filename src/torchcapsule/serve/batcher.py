@@ -156,10 +156,15 @@ class Batcher:
         queue = self._queue
         batch: list[_Item] = []
         key = None
+        now = self._loop.time()
         while queue and len(batch) < self.max_batch_size:
             item = queue[0]
             if item.future.done():  # expired while queued
                 queue.popleft()
+                continue
+            if item.deadline <= now:  # the sweeper may not have run while a forward held the loop
+                queue.popleft()
+                item.future.set_exception(TimeoutError(f"no answer within {self.timeout:g} s"))
                 continue
             if batch and item.key is not key:
                 break
