@@ -54,7 +54,9 @@ class Handler:
     # --- the contract -----------------------------------------------------------------
     def setup(self, device) -> None:
         """Load the model onto `device`. The default builds model.py + model.safetensors."""
-        self.device = device
+        import torch
+
+        device = self.device = torch.device(device)
         self.module = self.load_model(device)
 
     def preprocess(self, request) -> Any:
