@@ -221,6 +221,9 @@ class Serve(_Model):
     max_body_bytes: int = Field(1 << 20, ge=1)
     workers: int = Field(1, ge=1)
     device: str = "auto"
+    # seconds between checks of the alias/directory for a new version (hot reload); 0 = never;
+    # unset = 30 for models:/NAME@ALIAS and symlinked directories, else 0
+    reload_interval: float | None = Field(None, ge=0)
 
 
 _CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")

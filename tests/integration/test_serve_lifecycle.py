@@ -109,3 +109,23 @@ def test_tampered_weights_are_refused(tmp_path):
                     env={"PYTHONPATH": str(REPO / "src")})
     assert r.returncode == 1 and "does not match the recorded" in r.stderr, r.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_workers_share_the_port_and_stop_on_sigterm(tmp_path):
+    model = write_mlp_dir(tmp_path / "m", (64, 8, 10))
+    with running_server(model, "--workers", "2", tmp=tmp_path, ready_timeout=90) as s:
+        pids = set()
+        end = time.monotonic() + 30
+        while len(pids) < 2 and time.monotonic() < end:  # new connections reach either worker
+            with httpx.Client(base_url=s.url) as c:
+                assert c.post("/v1/predict", json={"inputs": [1.0] * 64}).status_code == 200
+                pids.add(c.get("/v1/models").json()["models"][0]["pid"])
+        assert len(pids) == 2 and s.proc.pid not in pids
+        assert s.stop() == 0
+    for pid in pids:  # the workers are gone too
+        try:
+            import os
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"worker {pid} still running")

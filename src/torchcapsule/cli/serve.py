@@ -68,6 +68,8 @@ def serve(model, file, handler, host, port, workers, device, max_batch_size, max
 
     n_workers, gpu_per_worker = _parse_workers(workers, cfg.workers)
     if reload_interval is None:
+        reload_interval = cfg.reload_interval
+    if reload_interval is None:
         reload_interval = 30.0 if (model.startswith("models:/") and "@" in model) or Path(model).is_symlink() else 0.0
     settings = ServeSettings(
         max_batch_size=max_batch_size or cfg.max_batch_size,

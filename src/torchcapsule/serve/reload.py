@@ -14,6 +14,7 @@ warm up is recorded as rejected and the old one keeps serving.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -172,7 +173,7 @@ class Runner:
         return {"name": m.name, "version": self.version, "source": m.source, "path": str(m.path),
                 "device": str(self.device), "handler": f"{type(self.handler).__module__}.{type(self.handler).__qualname__}",
                 "input_shape": list(m.input_shape) if m.input_shape else None, "labels": m.labels,
-                "metrics": m.meta.get("metrics"), "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
+                "metrics": m.meta.get("metrics"), "pid": os.getpid(), "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))}
 
 
 def load_version(source: VersionSource, key: str, handler_cls: type[Handler], device,
