@@ -16,7 +16,9 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,10 +74,11 @@ def _client(uri: str) -> "MlflowClient":
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    for name in ("mlflow", "alembic"):  # keep migrations' and registration's INFO lines off the CLI
-        logging.getLogger(name).setLevel(logging.WARNING)
     import mlflow
     from mlflow import MlflowClient
+
+    for name in ("mlflow", "alembic"):  # keep migrations' and registration's INFO lines off the CLI
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -215,10 +218,15 @@ def list_versions(name: str, *, project: "Project | None" = None,
     store = _uri_for(project, tracking_uri)
     client = _client(store)
     with _errors(store):
-        _registered(client, store, name)
+        rm = _registered(client, store, name)
         found = client.search_model_versions(f"name='{name}'", max_results=10000,
                                              order_by=["version_number DESC"])
-        return [_to_version(mv) for mv in found]
+        # search results carry no aliases (MLflow fills them only on single-version reads)
+        by_version: dict[str, list[str]] = {}
+        for alias, v in (rm.aliases or {}).items():
+            by_version.setdefault(str(v), []).append(alias)
+        return [replace(_to_version(mv), aliases=tuple(sorted(by_version.get(str(mv.version), ()))))
+                for mv in found]
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -306,13 +314,15 @@ def register(project: "Project", model_dir: str | Path | None = None) -> ModelVe
             if metrics:
                 mlflow.log_metrics(metrics)
             mlflow.set_tags({**provenance, **{f"capsule.sha256.{f}": d for f, d in digests.items()}})
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(_PYFUNC_FILE),
-                artifacts={key: str(model_dir / f) for key, f in _ARTIFACT_KEYS.items()},
-                pip_requirements=_requirements(machine["torch"]),
-                signature=_signature(meta),
-            )
+            with warnings.catch_warnings():  # type-hint and input-example advice: not ours to act on
+                warnings.simplefilter("ignore", UserWarning)
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(_PYFUNC_FILE),
+                    artifacts={key: str(model_dir / f) for key, f in _ARTIFACT_KEYS.items()},
+                    pip_requirements=_requirements(machine["torch"]),
+                    signature=_signature(meta),
+                )
         mv = _new_version(client, name, info, run.info.run_id, version_tags)
         return _to_version(client.get_model_version(name, str(mv.version)))
 

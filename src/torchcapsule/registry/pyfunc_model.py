@@ -13,6 +13,7 @@ import importlib.util
 import json
 import struct
 import sys
+import warnings
 
 import mlflow
 import numpy as np
@@ -45,6 +46,11 @@ def read_safetensors(path):
             t = t.byteswap()
         out[name] = t.reshape(info["shape"]).clone()
     return out
+
+
+# MLflow warns at class creation when predict() lacks type hints; the signature logged with the
+# model (a float32 tensor of meta.input_shape) is what validates input, so the advice is moot.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 class CapsuleModel(PythonModel):
