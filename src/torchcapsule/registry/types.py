@@ -15,7 +15,7 @@ MODEL_FILES = (WEIGHTS, CODE, META)
 # Written by download() next to the model files: the checksums serve re-verifies at load.
 CHECKSUMS = "checksums.sha256"
 
-_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+|latest))$")
+_URI = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+|latest))$")
 
 
 @dataclass(frozen=True)
