@@ -308,3 +308,60 @@ def test_eight_concurrent_registrations_get_eight_versions(tmp_path, mlflow_inst
     listed = json.loads(r.stdout)
     assert sorted(int(v["version"]) for v in listed) == list(range(1, 9))
     assert len({v["run_id"] for v in listed}) == 8
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path, mlflow_installed):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts) for the remote path."""
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    if not mlflow_bin.exists():
+        missing_part("the `mlflow` command is missing next to the interpreter; pip install mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, 15)  # the server's own process group: uvicorn and its worker
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    log.close()
+
+
+def test_remote_tracking_server_register_list_pull(mlflow_server, tmp_path):
+    root = tmp_path / "proj"
+    write_project(root, tracking_uri=mlflow_server)
+    train_model_dir(root / "models" / "digits", steps=20)
+    r = run_capsule("models", "register", "--json", cwd=root, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["version"] == "1" and out["promotion"]["promoted"]
+    assert not (root / ".capsule").exists()  # nothing went to the embedded store
+    r = run_capsule("models", "list", "--json", cwd=root, env=_env(), check=True)
+    assert json.loads(r.stdout)[0]["aliases"] == {"champion": "1"}
+    # the same server through $MLFLOW_TRACKING_URI and no capsule.yaml at all
+    dest = tmp_path / "pulled"
+    r = run_capsule("models", "pull", "digits@champion", "-o", str(dest), cwd=tmp_path,
+                    env=_env(MLFLOW_TRACKING_URI=mlflow_server), check=True)
+    assert (dest / "model.safetensors").read_bytes() == (root / "models" / "digits" / "model.safetensors").read_bytes()
+    assert (tmp_path / "server-artifacts").is_dir()

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -70,6 +71,8 @@ def _client(uri: str) -> "MlflowClient":
         # MLflow retries a dead server for minutes by default; the probe already answered.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # MLflow writes "View run at <url>" to stdout, which would break `--json` output
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         _probe(uri)
     db = sqlite_path(uri)
     if db is not None:
@@ -303,7 +306,8 @@ def register(project: "Project", model_dir: str | Path | None = None) -> ModelVe
         **_flat("capsule.param.", params),
     }
     store = tracking_uri(project)
-    with writer_lock(store), _errors(store):
+    # stdout belongs to the CLI's result (--json): whatever MLflow prints goes to stderr
+    with writer_lock(store), _errors(store), contextlib.redirect_stdout(sys.stderr):
         client = _client(store)
         import mlflow
 
