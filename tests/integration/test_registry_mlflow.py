@@ -122,6 +122,9 @@ def test_list_show_pull_cli(store, tmp_path):
     r = run_capsule("models", "list", "--json", cwd=store, env=_env(), check=True)
     rows = json.loads(r.stdout)
     assert [(m["name"], m["aliases"]) for m in rows if m["name"] == "digits"] == [("digits", {"champion": "1"})]
+    # the fast path (plain sqlite3, no mlflow import) answers exactly what the MLflow client does
+    slow = run_capsule("models", "list", "--json", cwd=store, env=_env(CAPSULE_REGISTRY_FAST="0"), check=True)
+    assert json.loads(slow.stdout) == rows
     r = run_capsule("models", "list", "digits", cwd=store, env=_env(), check=True)
     assert "champion" in r.stdout and "accuracy" in r.stdout
     r = run_capsule("models", "show", "digits/1", cwd=store, env=_env(), check=True)
@@ -278,6 +281,10 @@ def test_unreachable_tracking_server_is_a_quick_one_line_error(store, tmp_path):
 def test_no_store_configured_is_a_one_line_error(tmp_path, mlflow_installed):
     r = run_capsule("models", "list", cwd=tmp_path, env=_env())
     assert r.returncode == 2 and "capsule.yaml" in r.stderr and "Traceback" not in r.stderr
+    # a project whose store does not exist yet: an empty list, and no store created to say so
+    write_project(tmp_path / "p")
+    r = run_capsule("models", "list", cwd=tmp_path / "p", env=_env(), check=True)
+    assert "no registered models" in r.stdout and not (tmp_path / "p" / ".capsule").exists()
 
 
 def test_eight_concurrent_registrations_get_eight_versions(tmp_path, mlflow_installed):
