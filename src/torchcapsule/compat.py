@@ -6,6 +6,7 @@ questions; every refusal lists the valid choices.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -173,9 +174,9 @@ class Matrix:
 
     def gpu_for_device(self, device_name: str) -> GpuModel | None:
         """The table entry for torch.cuda.get_device_name() text ('NVIDIA H100 80GB HBM3')."""
-        padded = " " + device_name
         for g in self.gpus.values():
-            if any(m in padded for m in g.match):
+            # whole-word match, so "L4" does not claim "NVIDIA L40S"
+            if any(re.search(rf"(?<![A-Za-z0-9]){re.escape(m)}(?![A-Za-z0-9])", device_name) for m in g.match):
                 return g
         return None
 
@@ -200,6 +201,7 @@ class Matrix:
         rel = self.release(torch, where=f"{where}.torch")
         cuda = normalize_cuda(cuda)
         if cuda != CPU and rel.cuda is None:
+            self.cuda_info(cuda, where=f"{where}.cuda")  # nonsense CUDA: say so first
             raise CompatError(
                 f"{where}.cuda: the CUDA builds of torch {torch} are not confirmed in the "
                 f"compatibility matrix; valid: cpu, or a torch release up to "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..compat import CPU, Matrix, arch_list_covers, load_matrix, minor_of, normalize_cuda, version_key
+from ..compat import CPU, Matrix, arch_list_covers, load_matrix, minor_of, normalize_cuda, sm_of, version_key
 from .facts import Device, Facts
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -148,8 +148,7 @@ def rule_driver_too_old(ctx: Context) -> list[Finding]:
         return [Finding("driver-too-old", ERROR,
                         f"NVIDIA driver {f.driver} is older than torch {f.torch_version} (CUDA {cuda}) needs: "
                         f"minimum {minimum}, or {compat_floor} under minor version compatibility",
-                        f"upgrade the driver to >= {minimum}, or install a torch build for an older CUDA "
-                        f"that driver {f.driver} supports")]
+                        f"upgrade the driver to >= {minimum}, or {_build_for_driver(ctx)}")]
     if status == "minor-compat":
         return [Finding("driver-minor-compat", WARNING,
                         f"NVIDIA driver {f.driver} is below CUDA {cuda}'s minimum {minimum} and runs torch "
@@ -158,6 +157,24 @@ def rule_driver_too_old(ctx: Context) -> list[Finding]:
                         f"upgrade the driver to >= {minimum} (GPUs covered only by PTX, and Triton/"
                         f"torch.compile kernels, need it)")]
     return []
+
+
+def _build_for_driver(ctx: Context) -> str:
+    """The newest CUDA build of the installed torch that this driver runs (fully, else under
+    minor version compatibility)."""
+    f, m = ctx.facts, ctx.matrix
+    version = _base(f.torch_version or "")
+    try:
+        cudas = list(m.release(version).cuda or ())
+    except Exception:
+        cudas = []
+    for wanted in ("ok", "minor-compat"):
+        fits = [c for c in cudas if m.driver_status(c, f.driver or "0") == wanted]
+        if fits:
+            how = "" if wanted == "ok" else " (under minor version compatibility)"
+            return (f"install torch {version} from https://download.pytorch.org/whl/{m.wheel_tag(fits[-1])}, "
+                    f"which driver {f.driver} runs{how}")
+    return f"install a torch build for a CUDA that driver {f.driver} supports"
 
 
 def rule_arch_missing(ctx: Context) -> list[Finding]:
@@ -204,7 +221,7 @@ def _alternatives(ctx: Context, cc: str) -> str:
     if cudas:
         tags = ", ".join(m.wheel_tag(c) for c in cudas)
         return (f"install a build that has it: torch {version} from "
-                f"https://download.pytorch.org/whl/{m.wheel_tag(cudas[-1])} ({tags} carry it); "
+                f"https://download.pytorch.org/whl/{m.wheel_tag(cudas[-1])} (builds that run {sm_of(cc)}: {tags}); "
                 f"set image.cuda to match")
     for rel in sorted(m.releases.values(), key=lambda r: version_key(r.minor), reverse=True):
         for c in reversed(rel.cuda or ()):
@@ -277,7 +294,8 @@ def rule_pinned_mismatch(ctx: Context) -> list[Finding]:
 # -- consequences ----------------------------------------------------------------------------------
 def rule_smoke(ctx: Context) -> list[Finding]:
     return [Finding("smoke-failed", ERROR, f"matmul smoke test failed on {s.device}: {s.error}",
-                    "see the causes above; run `capsule doctor --debug` for the traceback")
+                    "see the causes above (arch-missing, driver-*); a failure with none of them points "
+                    "at the GPU itself: check `nvidia-smi -q` for XID errors")
             for s in ctx.facts.smoke if not s.ok]
 
 
