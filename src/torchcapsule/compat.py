@@ -218,6 +218,22 @@ class Matrix:
                 f"valid: {', '.join(rel.python)}"
             )
 
+    def check_companion(self, torch: str, package: str, version: str, *, where: str = "image.pip") -> None:
+        """Refuse a torchvision/torchaudio pin that does not belong to `torch` (e.g. torchvision
+        0.20 with torch 2.13), naming the minor version that does."""
+        rel = self.release(torch)
+        want = {"torchvision": rel.torchvision, "torchaudio": rel.torchaudio}.get(package)
+        if package not in ("torchvision", "torchaudio"):
+            return
+        if want is None:
+            if package == "torchaudio" and version_key(rel.minor) > version_key("2.11"):
+                raise CompatError(f"{where}: torchaudio has no release for torch {rel.minor} "
+                                  f"(the last is 2.11, for torch 2.11); remove it or use torch <= 2.11")
+            return  # unconfirmed pairing: nothing to refuse with
+        if minor_of(version) != want:
+            raise CompatError(f"{where}: {package} {version} does not match torch {torch}; "
+                              f"valid: {package}=={want}.*")
+
     def _newest_confirmed(self) -> str:
         confirmed = [r for r in self.releases.values() if r.cuda is not None]
         return max(confirmed, key=lambda r: version_key(r.minor)).patches[-1]

@@ -33,6 +33,10 @@ def doctor_json(tmp_path_factory):
 def test_json_is_one_valid_object(doctor_json):
     doc = json.loads(doctor_json.stdout)  # the whole of stdout is one JSON object
     assert doc["schema"] == "torchcapsule.doctor/v1"
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib import resources
+
+    jsonschema.validate(doc, json.loads(resources.files("torchcapsule.data").joinpath("doctor.schema.json").read_text()))
     assert doc["exit_code"] == doctor_json.returncode
     for key in ("torch_version", "torch_cuda", "cuda_available", "device_count", "devices", "driver",
                 "cudnn", "nccl", "shm_bytes", "in_container", "env", "smoke"):

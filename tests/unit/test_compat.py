@@ -222,3 +222,28 @@ def test_every_release_cuda_has_a_driver_and_arch_entry(m):
         for c in rel.archs:
             assert c in (rel.cuda or ()), (rel.minor, c)
         assert set(rel.experimental_cuda) <= set(rel.cuda or ())
+
+
+# -- torchvision / torchaudio pins ------------------------------------------------------------------
+def test_companion_pins(m):
+    m.check_companion("2.9.1", "torchvision", "0.24.1")
+    m.check_companion("2.9.1", "torchaudio", "2.9.1")
+    m.check_companion("2.13.0", "numpy", "2.0.0")  # not a companion: no opinion
+    with pytest.raises(CompatError, match=r"torchvision 0.21.0 does not match torch 2.13.0; valid: torchvision==0.28.\*"):
+        m.check_companion("2.13.0", "torchvision", "0.21.0")
+    with pytest.raises(CompatError, match="torchaudio has no release for torch 2.13"):
+        m.check_companion("2.13.0", "torchaudio", "2.11.0")
+    m.check_companion("2.15.0", "torchvision", "0.29.2")  # unconfirmed pairing: nothing to refuse
+
+
+def test_capsule_yaml_refuses_mismatched_torchvision(tmp_path):
+    from torchcapsule.config import load_project
+
+    f = tmp_path / "capsule.yaml"
+    f.write_text('name: x\nimage:\n  torch: "2.13.0"\n  pip: [numpy, "torchvision==0.21.0"]\n')
+    with pytest.raises(ConfigError) as e:
+        load_project(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}:4: image.pip: torchvision 0.21.0") and "valid: torchvision==0.28.*" in msg
+    f.write_text('name: x\nimage:\n  torch: "2.13.0"\n  pip: [numpy, "torchvision==0.28.0"]\n')
+    assert load_project(f).image.pip[1] == "torchvision==0.28.0"

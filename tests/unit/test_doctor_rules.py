@@ -275,3 +275,16 @@ def test_format_cudnn():
     assert format_cudnn(92400) == "9.24.0"
     assert format_cudnn(8902) == "8.9.2"
     assert format_cudnn(None) is None
+
+
+# -- the JSON schema ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(p.stem for p in FIXTURES.glob("*.json")))
+def test_report_of_every_fixture_matches_the_schema(name):
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib import resources
+
+    schema = json.loads(resources.files("torchcapsule.data").joinpath("doctor.schema.json").read_text())
+    facts = load(name)
+    doc = to_json(facts, diagnose(facts, require_gpus=1), require_gpus=1)
+    jsonschema.validate(json.loads(json.dumps(doc)), schema)
+    assert doc["ok"] == (doc["exit_code"] == 0)
