@@ -110,3 +110,44 @@ def test_doctor_help_imports_no_torch():
     mods = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in r.stderr.splitlines()
             if line.startswith("import time:") and "|" in line}
     assert "torch" not in mods and "pynvml" not in mods
+
+
+BASE_IMAGE = "local/debian:bookworm"  # Debian 12 with python3 3.11 (docs: ENVIRONMENT, image capability)
+
+
+def _docker_doctor(docker_engine, *docker_args: str) -> subprocess.CompletedProcess:
+    """`capsule doctor --json` in a real container: Debian's python3 with this venv's packages mounted."""
+    import sysconfig
+    from pathlib import Path
+
+    r = subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True, text=True)
+    if r.returncode != 0:
+        from ..conftest import missing_part
+
+        missing_part(f"Docker image {BASE_IMAGE} is missing; make it with mmdebstrap + docker import "
+                     f"(see scripts/install-system.sh / the image capability)")
+    src = Path(__file__).resolve().parents[2] / "src"
+    deps = sysconfig.get_paths()["purelib"]
+    return subprocess.run(
+        ["docker", "run", "--rm", "--network", "host", *docker_args,
+         "-v", f"{deps}:/deps:ro", "-v", f"{src}:/capsule/src:ro", "-e", "PYTHONPATH=/capsule/src:/deps",
+         "-w", "/tmp", BASE_IMAGE, "python3", "-m", "torchcapsule.cli.main", "doctor", "--json"],
+        capture_output=True, text=True, timeout=300)
+
+
+def test_in_docker_default_shm_is_diagnosed(docker_engine):
+    r = _docker_doctor(docker_engine)
+    doc = json.loads(r.stdout)
+    facts = doc["facts"]
+    assert facts["in_container"] and "/.dockerenv" in facts["container_evidence"]
+    assert facts["dev_nvidia"] == [] and facts["shm_bytes"] == 64 * 2**20
+    shm = next(f for f in doc["findings"] if f["id"] == "shm-small")
+    assert "64 MiB" in shm["message"] and "--shm-size" in shm["fix"]
+    assert r.returncode == 0  # warnings only
+
+
+def test_in_docker_the_fix_clears_the_warning(docker_engine):
+    r = _docker_doctor(docker_engine, "--shm-size=1g")
+    doc = json.loads(r.stdout)
+    assert doc["facts"]["shm_bytes"] == 2**30
+    assert "shm-small" not in [f["id"] for f in doc["findings"]]

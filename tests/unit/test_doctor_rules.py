@@ -288,3 +288,27 @@ def test_report_of_every_fixture_matches_the_schema(name):
     doc = to_json(facts, diagnose(facts, require_gpus=1), require_gpus=1)
     jsonschema.validate(json.loads(json.dumps(doc)), schema)
     assert doc["ok"] == (doc["exit_code"] == 0)
+
+
+def test_recorded_docker_container_with_default_shm():
+    """Recorded for real: a container started without --gpus or --shm-size on the CPU machine."""
+    f = load("docker-no-gpus-default-shm")
+    assert f.source.startswith("recorded:") and f.in_container and f.shm_bytes == 64 * 2**20
+    assert any("docker" in e for e in f.container_evidence)
+    found = diagnose(f)
+    assert ids(found) == ["cpu-only-build", "shm-small"]
+    assert exit_code(found) == 0
+    assert ids(diagnose(f, require_gpus=2)) == ["cpu-only-build", "gpus-required", "shm-small"]
+
+
+def test_parse_arch_flags():
+    from torchcapsule.doctor.probes import parse_arch_flags
+
+    # the CUDA_ARCH_FLAGS string found in torch-2.14.1+cu130's libtorch_cuda.so
+    flags = ("-gencode;arch=compute_75,code=sm_75;-gencode;arch=compute_80,code=sm_80;-gencode;arch=compute_86,"
+             "code=sm_86;-gencode;arch=compute_90,code=sm_90;-gencode;arch=compute_100,code=sm_100;-gencode;"
+             "arch=compute_120,code=sm_120")
+    assert parse_arch_flags(flags) == ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+    assert parse_arch_flags("-gencode;arch=compute_120,code=compute_120") == ["compute_120"]
+    assert parse_arch_flags("sm_50 sm_60 sm_70") == ["sm_50", "sm_60", "sm_70"]
+    assert parse_arch_flags("") == [] and parse_arch_flags(None) == []

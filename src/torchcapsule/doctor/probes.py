@@ -27,6 +27,19 @@ def parse_proc_driver_version(text: str) -> str | None:
     return m.group(1) if m else None
 
 
+def parse_arch_flags(flags: str | None) -> list[str]:
+    """torch's compiled CUDA arch flags -> get_arch_list()-style names, in order.
+
+    '-gencode;arch=compute_75,code=sm_75;...;arch=compute_120,code=compute_120' -> ['sm_75', ..., 'compute_120']
+    (only the code= targets count: arch= names the virtual architecture the code is built from).
+    'sm_75 sm_80' (the plain form) passes through.
+    """
+    if not flags:
+        return []
+    codes = re.findall(r"code=((?:sm|compute)_\d+[af]?)", flags) or re.findall(r"(?:sm|compute)_\d+[af]?", flags)
+    return list(dict.fromkeys(codes))
+
+
 def container_evidence(*, dockerenv: bool, containerenv: bool, cgroup: str, env: dict) -> list[str]:
     """Why we believe we run in a container (empty list: we do not)."""
     out = []
@@ -175,12 +188,9 @@ def _probe_torch(f: Facts) -> None:
 def _compiled_arch_list(torch) -> list[str]:
     """get_arch_list() returns [] when CUDA is unavailable; the flags are compiled in anyway."""
     try:
-        flags = torch._C._cuda_getArchFlags()  # "sm_75 sm_80 ..." or "-gencode;arch=...,code=sm_75;..."
+        return parse_arch_flags(torch._C._cuda_getArchFlags())
     except Exception:
         return []
-    if not flags:
-        return []
-    return sorted(set(re.findall(r"(?:sm|compute)_\d+[af]?", flags)), key=flags.find)
 
 
 def _cuda_init_error(torch) -> str | None:
