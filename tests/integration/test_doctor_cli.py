@@ -86,6 +86,10 @@ def test_text_report_and_pinned_project(torch_cuda):
     assert "torch.version.cuda" in out and "/dev/shm" in out
     assert ("smoke cpu" in out) or ("smoke cuda:0" in out)
     assert "2.13.0 pinned in" in out and str(EXAMPLE / "capsule.yaml") in out
+    j = run_capsule("doctor", "--json", "-f", str(EXAMPLE / "capsule.yaml"), timeout=300)
+    summary = json.loads(j.stdout)["summary"]
+    assert summary["pinned_torch"] == "2.13.0"
+    assert summary["torch_matches_pin"] == (summary["torch"].split("+")[0] == "2.13.0")
     if torch_cuda is None:  # the example pins a CPU build: on the CPU machine all is well
         assert "matches 2.13.0 pinned" in out and r.returncode == 0, out + r.stderr
 

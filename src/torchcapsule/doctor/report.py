@@ -7,8 +7,8 @@ JSON schema "torchcapsule.doctor/v1":
       "exit_code": 0 | 1,
       "require_gpus": int,
       "usable_gpus": int,
-      "summary": {torch, torch_cuda, cuda_available, device_count, driver, cudnn, nccl,
-                  bf16, tf32, shm_bytes, in_container},
+      "summary": {torch, pinned_torch, torch_matches_pin, torch_cuda, cuda_available,
+                  device_count, driver, cudnn, nccl, bf16, tf32, shm_bytes, in_container},
       "findings": [{"id", "severity": "error"|"warning"|"info", "message", "fix": str|null}],
       "facts": {... every field of doctor.facts.Facts ...}
     }
@@ -30,6 +30,14 @@ def _tf32(f: Facts) -> bool | None:
     return all(int(d.cc.split(".")[0]) >= 8 for d in f.devices)
 
 
+def _matches_pin(f: Facts) -> bool | None:
+    """Installed torch == capsule.yaml's image.torch (None: no project, or no torch)."""
+    pinned = (f.pinned or {}).get("torch")
+    if not pinned or not f.torch_version:
+        return None
+    return f.torch_version.split("+")[0] == pinned
+
+
 def to_json(facts: Facts, findings: list[Finding], *, require_gpus: int) -> dict[str, Any]:
     from ..compat import load_matrix
 
@@ -42,6 +50,8 @@ def to_json(facts: Facts, findings: list[Finding], *, require_gpus: int) -> dict
         "usable_gpus": usable_gpus(facts, load_matrix()),
         "summary": {
             "torch": facts.torch_version,
+            "pinned_torch": (facts.pinned or {}).get("torch"),
+            "torch_matches_pin": _matches_pin(facts),
             "torch_cuda": facts.torch_cuda,
             "cuda_available": facts.cuda_available,
             "device_count": facts.device_count,
