@@ -229,7 +229,10 @@ def test_pinned_torch_mismatch_and_python():
 
 def test_pinned_match_is_silent():
     f = dataclasses.replace(load("cpu-only-build"), pinned={"torch": "2.13.0", "cuda": "cpu", "python": "3.11"})
-    assert ids(diagnose(f)) == ["cpu-only-build"]
+    found = diagnose(f)
+    assert ids(found) == ["cpu-only-build"]
+    assert found[0].severity == INFO  # the project pins image.cuda: cpu, so this build is what it asked for
+    assert by_id(diagnose(f, require_gpus=1), "cpu-only-build").severity == ERROR
 
 
 def test_mig_enabled_is_reported():

@@ -110,7 +110,9 @@ def rule_cpu_only_build(ctx: Context) -> list[Finding]:
     f = ctx.facts
     if f.torch_version is None or f.torch_cuda or f.torch_hip:
         return []
-    sev = ERROR if ctx.gpus_expected else WARNING
+    pinned_cpu = normalize_cuda((f.pinned or {}).get("cuda") or "x") == CPU
+    # a project that pins image.cuda: cpu asked for exactly this build
+    sev = ERROR if ctx.gpus_expected else (INFO if pinned_cpu else WARNING)
     gpus = ""
     if _gpu_nodes(f) or f.nvml_devices:
         gpus = "; this machine has NVIDIA GPU(s) it cannot use"

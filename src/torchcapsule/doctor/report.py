@@ -132,10 +132,10 @@ def _yn(v: bool | None) -> str:
 def _bench_line(b) -> str:
     if b.error:
         return f"failed: {b.error}"
-    parts = [f"{b.gemm_dtype} GEMM n={b.gemm_n}: {b.gemm_tflops:.2f} TFLOP/s"]
+    parts = [f"{b.gemm_dtype} GEMM n={b.gemm_n}: {b.gemm_tflops:.3g} TFLOP/s"]
     if b.peak_tflops:
         parts[-1] += f" ({100 * b.gemm_tflops / b.peak_tflops:.0f}% of {b.peak_tflops:g} peak)"
-    parts.append(f"copy: {b.mem_gbps:.0f} GB/s")
+    parts.append(f"copy: {b.mem_gbps:.3g} GB/s")
     if b.peak_gbps:
         parts[-1] += f" ({100 * b.mem_gbps / b.peak_gbps:.0f}% of {b.peak_gbps:g} peak)"
     return "; ".join(parts)
