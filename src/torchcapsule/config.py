@@ -130,6 +130,11 @@ class Image(_Model):
 
         try:
             load_matrix().check(self.torch, self.cuda, self.python)
+            for req in self.pip:
+                # an exact torchvision/torchaudio pin must be the one built for image.torch
+                m = re.match(r"^\s*(torchvision|torchaudio)\s*==\s*([0-9][0-9.]*)", req)
+                if m:
+                    load_matrix().check_companion(self.torch, m.group(1), m.group(2), where="image.pip")
         except CompatError as e:
             raise ValueError(f"@{e.message}") from None
         return self
