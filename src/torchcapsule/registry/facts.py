@@ -44,31 +44,23 @@ def image_tag(project: "Project") -> str:
 
 
 def machine_facts() -> dict[str, str]:
-    """What identifies the training machine's stack. TODO: use torchcapsule.doctor's probes once
-    that lands, so `capsule doctor --json` and the registry agree on one fingerprint."""
-    import torch
+    """The training machine's stack, from `capsule doctor`'s probes (torchcapsule.doctor), reduced
+    to what identifies it stably (no free memory, no timings): same stack -> same fingerprint."""
+    from ..doctor.probes import probe
 
-    facts = {
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda or "none"),
-        "cudnn": str(torch.backends.cudnn.version() or "none") if torch.backends.cudnn.is_available() else "none",
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
+    f = probe()
+    return {
+        "torch": f.torch_version or "none",
+        "cuda": f.torch_cuda or "none",
+        "cudnn": f.cudnn or "none",
+        "nccl": f.nccl or "none",
+        "driver": f.driver or "none",
+        "gpus": ",".join(f"{d.name} (sm {d.cc})" for d in f.devices) or "none",
+        "python": f.python or platform.python_version(),
+        "platform": f.platform or platform.platform(),
+        "container": "yes" if f.in_container else "no",
         "host": hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12],
-        "gpus": "none",
-        "driver": "none",
     }
-    if torch.cuda.is_available():
-        facts["gpus"] = ",".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-        try:
-            r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=10)
-            if r.returncode == 0 and r.stdout.strip():
-                facts["driver"] = r.stdout.split()[0]
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return facts
 
 
 def fingerprint(facts: dict[str, str]) -> str:
