@@ -125,6 +125,11 @@ def test_list_show_pull_cli(store, tmp_path):
     # the fast path (plain sqlite3, no mlflow import) answers exactly what the MLflow client does
     slow = run_capsule("models", "list", "--json", cwd=store, env=_env(CAPSULE_REGISTRY_FAST="0"), check=True)
     assert json.loads(slow.stdout) == rows
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "torchcapsule.cli.main", "models", "list"],
+                       cwd=store, env=_env(), capture_output=True, text=True, check=True)
+    mods = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in r.stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+    assert "mlflow" not in mods and "sqlalchemy" not in mods and "digits" in r.stdout
     r = run_capsule("models", "list", "digits", cwd=store, env=_env(), check=True)
     assert "champion" in r.stdout and "accuracy" in r.stdout
     r = run_capsule("models", "show", "digits/1", cwd=store, env=_env(), check=True)

@@ -71,3 +71,14 @@ def test_everything_outside_the_whitelist_is_a_config_error(text):
 def test_no_rule_promotes_and_says_so():
     ok, why = decide(None, {"accuracy": 0.1}, {})
     assert ok and "no rule" in why
+
+
+def test_capsule_yaml_rule_is_checked_at_load_with_its_line():
+    from torchcapsule.config import parse_project
+
+    text = "name: x\nregistry:\n  promote:\n    rule: \"__import__('os').system('x')\"\n"
+    with pytest.raises(ConfigError) as e:
+        parse_project(text, "capsule.yaml")
+    assert str(e.value).startswith("capsule.yaml:4: registry.promote.rule: ")
+    ok = parse_project("name: x\nregistry: {promote: {rule: 'accuracy >= 0.9'}}\n", "capsule.yaml")
+    assert ok.registry.promote.rule == "accuracy >= 0.9"
