@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-dev.sh
 export PATH="$PWD/.venv/bin:$PATH"
 cd examples/digits
+echo "== capsule doctor"; capsule doctor
 echo "== capsule validate"; capsule validate

@@ -130,6 +130,11 @@ class Image(_Model):
 
         try:
             load_matrix().check(self.torch, self.cuda, self.python)
+            for req in self.pip:
+                # an exact torchvision/torchaudio pin must be the one built for image.torch
+                m = re.match(r"^\s*(torchvision|torchaudio)\s*==\s*([0-9][0-9.]*)", req)
+                if m:
+                    load_matrix().check_companion(self.torch, m.group(1), m.group(2), where="image.pip")
         except CompatError as e:
             raise ValueError(f"@{e.message}") from None
         return self
@@ -199,8 +204,22 @@ class Stage(_Model):
 
 # -- registry, serve, schedule, targets -------------------------------------------------------
 class Promotion(_Model):
-    alias: str = "champion"
+    alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]{1,255}$")
     rule: str | None = None  # e.g. "accuracy >= 0.95 and accuracy >= champion.accuracy"
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, v: str | None) -> str | None:
+        # checked at load time (AST whitelist, never eval) so `capsule validate` names the line
+        if v is None:
+            return v
+        from .registry.rules import parse_rule
+
+        try:
+            parse_rule(v)
+        except ConfigError as e:
+            raise ValueError(f"@{e.message}") from None
+        return v
 
 
 class Registry(_Model):
