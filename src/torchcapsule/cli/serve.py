@@ -55,6 +55,11 @@ def serve(model, file, handler, host, port, workers, device, max_batch_size, max
     project = _project_or_none(file)
     cfg = project.serve if project is not None and getattr(project, "serve", None) is not None else Serve()
     base_dir = str(_project_root(project)) if project is not None else None
+    project_file = None
+    if project is not None:
+        from ..config import find_project_file
+
+        project_file = str(find_project_file(file))
     if model:
         base_dir_model = None  # a MODEL on the command line is relative to the current directory
     else:
@@ -81,7 +86,7 @@ def serve(model, file, handler, host, port, workers, device, max_batch_size, max
         in_thread=forward_thread,
     )
     opts = ServerOptions(
-        model=model, handler=handler or cfg.handler, base_dir=base_dir,
+        model=model, handler=handler or cfg.handler, base_dir=base_dir, project_file=project_file,
         host=host or cfg.host, port=cfg.port if port is None else port,
         device=device or cfg.device, workers=n_workers, gpu_per_worker=gpu_per_worker,
         threads=threads, log_level=log_level, settings=settings,

@@ -20,6 +20,7 @@ from ..errors import IntegrityError, ServeError
 WEIGHTS = "model.safetensors"
 CODE = "model.py"
 META = "meta.json"
+CHECKSUMS = "checksums.sha256"
 
 _module_ids = itertools.count()
 
@@ -92,11 +93,19 @@ DTYPES: dict[str, tuple[str, type]] = {
 
 
 def expected_checksums(model: ModelDir) -> dict[str, str]:
-    """Checksums recorded in meta.json: {"checksums": {"model.safetensors": "sha256:<hex>"}}."""
+    """Recorded sha256s: checksums.sha256 (sha256sum format, written by `capsule models pull`
+    and the registry's download) and/or meta.json {"checksums": {"model.safetensors": "sha256:<hex>"}}."""
     recorded = model.meta.get("checksums") or model.meta.get("sha256") or {}
     if isinstance(recorded, str):  # "sha256": "<hex>" for the weights alone
         recorded = {WEIGHTS: recorded}
-    return {str(k): str(v).removeprefix("sha256:").lower() for k, v in recorded.items()}
+    out = {str(k): str(v).removeprefix("sha256:").lower() for k, v in recorded.items()}
+    listing = model.path / CHECKSUMS
+    if listing.is_file():
+        for line in listing.read_text().splitlines():
+            digest, _, name = line.strip().partition("  ")
+            if digest and name:
+                out[name.lstrip("*")] = digest.lower()
+    return out
 
 
 def sha256_file(path: Path) -> str:

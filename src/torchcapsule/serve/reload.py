@@ -77,18 +77,27 @@ class LocalSource(VersionSource):
 class RegistrySource(VersionSource):
     """models:/NAME@ALIAS or models:/NAME/VERSION through torchcapsule.registry."""
 
-    def __init__(self, uri: str, cache_dir: Path) -> None:
+    def __init__(self, uri: str, cache_dir: Path, project_file: Path | None = None) -> None:
         self.uri = uri
         self.cache_dir = Path(cache_dir)
+        self.project_file = project_file  # capsule.yaml: its registry.tracking_uri, else the env's
+        self._project = None
         body = uri[len("models:/"):]
         self.name = body.split("@", 1)[0].split("/", 1)[0]
         if not self.name:
             raise ServeError(f"{uri}: no model name", hint="use models:/NAME@ALIAS or models:/NAME/VERSION")
 
+    def _kw(self) -> dict:
+        if self.project_file is not None and self._project is None:
+            from ..config import load_project
+
+            self._project = load_project(self.project_file)
+        return {"project": self._project}
+
     def current(self) -> str:
         from .. import registry  # lazy: imports mlflow
 
-        return str(registry.resolve(self.uri).version)
+        return str(registry.resolve(self.uri, **self._kw()).version)
 
     def fetch(self, key: str) -> ModelDir:
         from .. import registry
@@ -99,17 +108,18 @@ class RegistrySource(VersionSource):
             # download beside the cache entry, then rename: a half download is never served
             tmp = dest.with_name(f".{key}.partial")
             shutil.rmtree(tmp, ignore_errors=True)
-            path = Path(registry.download(f"models:/{self.name}/{key}", tmp))  # verifies checksums
+            path = Path(registry.download(f"models:/{self.name}/{key}", tmp, **self._kw()))  # verifies sha256
             if path.resolve() != tmp.resolve():
                 shutil.copytree(path, tmp, dirs_exist_ok=True)
             tmp.rename(dest)
         return read_model_dir(dest, version=key, source=self.uri)
 
 
-def make_source(model: str, *, base_dir: Path | None = None, cache_dir: Path | None = None) -> VersionSource:
+def make_source(model: str, *, base_dir: Path | None = None, cache_dir: Path | None = None,
+                project_file: Path | None = None) -> VersionSource:
     """MODEL as the user wrote it -> a source. Relative directories are taken from base_dir."""
     if model.startswith("models:/"):
-        return RegistrySource(model, cache_dir or Path(".capsule/serve-cache"))
+        return RegistrySource(model, cache_dir or Path(".capsule/serve-cache"), project_file)
     path = Path(model)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path

@@ -26,6 +26,7 @@ class ServerOptions:
     model: str
     handler: str | None = None
     base_dir: str | None = None  # where relative model/handler paths are taken from
+    project_file: str | None = None  # capsule.yaml (its registry.tracking_uri for models:/ URIs)
     host: str = "127.0.0.1"
     port: int = 8080
     device: str = "auto"
@@ -42,8 +43,8 @@ def build_app(opts: ServerOptions, device_spec: str | None = None):
     from .reload import make_source, resolve_device
 
     base = Path(opts.base_dir) if opts.base_dir else None
-    source = make_source(opts.model, base_dir=base,
-                         cache_dir=(base or Path.cwd()) / ".capsule" / "serve-cache")
+    source = make_source(opts.model, base_dir=base, cache_dir=(base or Path.cwd()) / ".capsule" / "serve-cache",
+                         project_file=Path(opts.project_file) if opts.project_file else None)
     handler_cls = load_handler_class(opts.handler, base)
     device = resolve_device(device_spec or opts.device)
     return ServeApp(source, handler_cls, device, opts.settings)

@@ -30,6 +30,8 @@ def _argv(opts, port: int) -> list[str]:
             "--max-body-bytes", str(s.max_body_bytes), "--reload-interval", "0", "--log-level", "warning"]
     if opts.handler:
         argv += ["--handler", opts.handler]
+    if opts.project_file:
+        argv += ["-f", opts.project_file]
     return argv
 
 
