@@ -11,6 +11,7 @@ Servers, each on 127.0.0.1 on the same uvicorn stack (httptools + uvloop), one t
   fastapi      a plain FastAPI endpoint: pydantic request/response, one forward per request
   floor        the HTTP floor: a bare ASGI app that parses the same JSON body, returns a constant
 Load: wrk -t1 -cC -dDs --latency with the same POST body (post.lua), after a 2 s warm-up.
+All servers run at once and the runs are interleaved (run 1 of each server, then run 2, ...).
 Also measured in the same run: the raw in-process forward throughput at batch 1 and 32.
 Prints one table (median of the runs, [min-max] range) and the targets from the issue.
 """
@@ -186,20 +187,33 @@ def main() -> int:
             results["raw_forward"][f"{name}@{b}"] = sps
             print(f"raw forward {name} batch {b}: {sps:,.0f} samples/s", flush=True)
 
+    # All servers run at once and the runs are interleaved (run 1 of every server, then run 2,
+    # in a rotated order): on a shared machine the background load drifts over minutes, and
+    # this spreads the drift over all servers instead of handing it to whichever ran last.
     plan = [("floor", None)] + [(s, m) for m in args.models for s in args.servers]
-    for kind, model in plan:
-        label = kind if model is None else f"{model}/{kind}"
-        server = Running(kind, models[model] if model else None, tmp / f"{label.replace('/', '-')}.log")
-        try:
+    servers: dict[str, Running] = {}
+    try:
+        for kind, model in plan:
+            label = kind if model is None else f"{model}/{kind}"
+            servers[label] = Running(kind, models[model] if model else None, tmp / f"{label.replace('/', '-')}.log")
+        for label, server in servers.items():
             for c in args.concurrency:
                 wrk(server.url, c, 2)  # warm-up
-                runs = [wrk(server.url, c, args.duration) for _ in range(args.runs)]
-                agg = results["http"][f"{label}@c{c}"] = summarize(runs)
-                print(f"{label:22s} c={c:<3d} {agg['rps']:>9,.0f} req/s  p50 {agg['p50_ms']:7.2f} ms  "
-                      f"p99 {agg['p99_ms']:7.2f} ms  errors {agg['errors']}  "
-                      f"(req/s {agg['rps_range'][0]:,.0f}-{agg['rps_range'][1]:,.0f})", flush=True)
-        finally:
+        raw: dict[str, list] = {}
+        labels = list(servers)
+        for run in range(args.runs):
+            order = labels[run % len(labels):] + labels[:run % len(labels)]
+            for label in order:
+                for c in args.concurrency:
+                    r = wrk(servers[label].url, c, args.duration)
+                    raw.setdefault(f"{label}@c{c}", []).append(r)
+                    print(f"run {run + 1} {label:22s} c={c:<3d} {r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:7.2f} ms  "
+                          f"p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}", flush=True)
+    finally:
+        for server in servers.values():
             server.stop()
+    for key in [f"{l}@c{c}" for l in labels for c in args.concurrency]:
+        results["http"][key] = summarize(raw[key])
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     print()
     print(table(results, args))

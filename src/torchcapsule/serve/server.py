@@ -6,7 +6,6 @@ the socket once, starts N spawned children that share it, and forwards SIGTERM t
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -55,9 +54,6 @@ def _tune_runtime(opts: ServerOptions) -> None:
 
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
-    # Fewer young-generation collections under load; full collections stay rare because
-    # the app freezes its long-lived objects after warm-up (see ServeApp._load_first).
-    gc.set_threshold(10_000, 50, 100)
 
 
 def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec: str | None = None) -> None:
@@ -69,7 +65,7 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
     app = build_app(opts, device_spec)
     config = uvicorn.Config(
         app, host=opts.host, port=opts.port, loop="uvloop", http="httptools", lifespan="on",
-        access_log=False, log_level=opts.log_level if opts.log_level != "info" else "warning",
+        access_log=False, log_level=opts.log_level,
         timeout_graceful_shutdown=opts.settings.timeout_s + 5, timeout_keep_alive=30,
     )
     server = uvicorn.Server(config)
