@@ -68,3 +68,7 @@ def test_alias_move_is_served_without_a_failed_request(tmp_path, monkeypatch):
                 time.sleep(0.05)
         assert seen[-1] == (200, "2"), seen[-3:]
         assert {code for code, _ in seen} == {200}
+        # the pipeline's serve stage: `capsule serve --smoke-test` with serve.model from capsule.yaml
+        r = run_capsule("serve", "--smoke-test", cwd=root, env=_env(), timeout=240)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "digits version 2" in r.stdout and "ok:" in r.stdout
