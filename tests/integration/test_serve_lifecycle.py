@@ -30,7 +30,8 @@ def test_overload_answers_503_with_retry_after(tmp_path):
         answers = asyncio.run(_burst(s.url, 30))
         codes = [a.status_code for a in answers]
         assert set(codes) <= {200, 503}, codes
-        assert codes.count(503) >= 10 and codes.count(200) >= 3, codes
+        # at least the 2 that fit the queue are served; most of the burst is turned away
+        assert codes.count(503) >= 10 and codes.count(200) >= 2, codes
         rejected = next(a for a in answers if a.status_code == 503)
         assert rejected.headers["retry-after"] == "1" and "queue full" in rejected.json()["detail"]
         # it recovers: once the burst is over, requests are served again
@@ -41,9 +42,12 @@ def test_overload_answers_503_with_retry_after(tmp_path):
 
 def test_request_timeout_answers_504(tmp_path):
     model = slow_model(tmp_path / "slow", delay=0.4)
-    with running_server(model, "--max-batch-size", "1", "--timeout", "0.5", tmp=tmp_path,
+    # --forward-thread: the event loop keeps reading requests during the 0.4 s forwards, so every
+    # request's clock starts when it arrives (inline forwards would hold new reads back)
+    with running_server(model, "--max-batch-size", "1", "--timeout", "0.5", "--forward-thread", tmp=tmp_path,
                         ready_timeout=90) as s:
-        answers = asyncio.run(_burst(s.url, 4))
+        # 8 at once, 0.4 s each, one at a time: the later ones cannot start within 0.5 s
+        answers = asyncio.run(_burst(s.url, 8))
         codes = sorted(a.status_code for a in answers)
         assert 504 in codes and codes[0] == 200, codes
         assert "no answer within 0.5 s" in next(a for a in answers if a.status_code == 504).json()["detail"]
