@@ -6,6 +6,7 @@ Models: the digits example model (examples/digits/models/digits if the train sta
 else a 64-64-10 MLP trained here on sklearn's digits) and a 64-512-512-10 MLP.
 Servers, each on 127.0.0.1 on the same uvicorn stack (httptools + uvloop), one torch thread:
   capsule      `capsule serve DIR` (max_batch_size 32, max_wait_ms 2)
+  capsule-thread  the same with --forward-thread (not in the default list; --servers to add it)
   litserve-1   LitServe, max_batch_size 1
   litserve-32  LitServe, max_batch_size 32 (batch_timeout 2 ms)
   fastapi      a plain FastAPI endpoint: pydantic request/response, one forward per request
@@ -78,10 +79,10 @@ with torch.inference_mode():
 
 def server_cmd(kind: str, model_dir: Path | None, port: int) -> list[str]:
     py = sys.executable
-    if kind == "capsule":
+    if kind in ("capsule", "capsule-thread"):
         return [py, "-m", "torchcapsule.cli.main", "serve", str(model_dir), "--port", str(port), "--threads", "1",
                 "--max-batch-size", "32", "--max-wait-ms", "2", "--max-queue", "1024", "--reload-interval", "0",
-                "--log-level", "warning"]
+                "--log-level", "warning"] + (["--forward-thread"] if kind == "capsule-thread" else [])
     if kind.startswith("litserve-"):
         return [py, str(HERE / "peers.py"), "litserve", str(model_dir), str(port), kind.split("-")[1]]
     if kind == "fastapi":
