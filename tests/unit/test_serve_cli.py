@@ -27,3 +27,9 @@ def test_project_without_serve_model(tmp_path):
 def test_bad_workers_value(tmp_path):
     r = run_capsule("serve", str(tmp_path), "--workers", "many", cwd=tmp_path)
     assert r.returncode == 2 and "--workers 'many'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_invalid_capsule_yaml_is_reported_not_ignored(tmp_path):
+    (tmp_path / "capsule.yaml").write_text("name: demo\nserve:\n  port: 99999\n")
+    r = run_capsule("serve", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and "serve.port" in r.stderr and "Traceback" not in r.stderr

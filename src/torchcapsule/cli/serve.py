@@ -10,14 +10,15 @@ from ._common import file_option
 
 
 def _project_or_none(file: str | None):
-    from ..config import load_project
+    """capsule.yaml if there is one (its errors are reported); None when there is none."""
+    from ..config import find_project_file, load_project
 
-    try:
-        return load_project(file)
-    except ConfigError:
-        if file:  # the user named a file: its errors matter
-            raise
-        return None
+    if not file:
+        try:
+            find_project_file(None)
+        except ConfigError:
+            return None  # no capsule.yaml here: MODEL on the command line is enough
+    return load_project(file)
 
 
 @click.command("serve")

@@ -1,0 +1,93 @@
+"""The ASGI app in-process (no socket): error mapping, limits and the OpenAPI schema,
+driven with hand-made ASGI messages; the real-server behaviour is in tests/integration."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+import pytest
+
+from torchcapsule.serve.app import ServeApp, ServeSettings, _msgspec_field
+from torchcapsule.serve.handler import DefaultHandler
+from torchcapsule.serve.reload import LocalSource, load_version
+from torchcapsule.serve.testing import write_mlp_dir
+
+
+def test_msgspec_error_split_into_message_and_field():
+    assert _msgspec_field(msgspec.ValidationError("Expected `float`, got `str` - at `$.inputs[3]`")) == (
+        "Expected `float`, got `str`", "$.inputs[3]")
+    assert _msgspec_field(msgspec.ValidationError("Object missing required field `inputs`")) == (
+        "Object missing required field `inputs`", None)
+
+
+@pytest.fixture
+def app(tmp_path):
+    d = write_mlp_dir(tmp_path / "m", (64, 8, 10), version="9")
+    src = LocalSource(d)
+    a = ServeApp(src, DefaultHandler, "cpu", ServeSettings(max_body_bytes=2000, max_queue=4))
+    a.current = load_version(src, src.current(), DefaultHandler, "cpu")
+    return a
+
+
+def call(app: ServeApp, method: str, path: str, chunks: list[bytes], headers=()) -> tuple[int, dict, bytes]:
+    """One HTTP exchange through the ASGI interface; returns status, headers, body."""
+    async def main():
+        app.batcher.start()
+        inbox = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                 for i, c in enumerate(chunks)]
+        sent = []
+
+        async def receive():
+            return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+        async def send(msg):
+            sent.append(msg)
+
+        scope = {"type": "http", "method": method, "path": path, "headers": list(headers)}
+        await app(scope, receive, send)
+        await app.batcher.stop(drain_timeout=1)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return start["status"], dict(start["headers"]), body
+
+    return asyncio.run(main())
+
+
+def test_predict_through_asgi(app):
+    status, headers, body = call(app, "POST", "/v1/predict", [json.dumps({"inputs": [1.0] * 64}).encode()])
+    assert status == 200 and headers[b"x-model-version"] == b"9"
+    assert set(json.loads(body)) == {"label", "index", "score", "scores"}
+
+
+def test_content_length_over_the_limit_is_refused_before_reading(app):
+    status, _, body = call(app, "POST", "/v1/predict", [], headers=[(b"content-length", b"5000")])
+    assert status == 413 and b"2000 byte limit" in body
+
+
+def test_streamed_body_over_the_limit_is_413(app):
+    status, _, _ = call(app, "POST", "/v1/predict", [b"[" * 1500, b"1" * 1500])
+    assert status == 413
+
+
+def test_bad_content_length_is_400(app):
+    status, _, _ = call(app, "POST", "/v1/predict", [b"{}"], headers=[(b"content-length", b"abc")])
+    assert status == 400
+
+
+def test_wrong_method_is_405(app):
+    status, headers, _ = call(app, "GET", "/v1/predict", [b""])
+    assert status == 405 and headers[b"allow"] == b"POST"
+
+
+def test_not_loaded_yet_is_503_with_retry_after(app):
+    app.current = None
+    status, headers, _ = call(app, "POST", "/v1/predict", [b"{}"])
+    assert status == 503 and headers[b"retry-after"] == b"1"
+
+
+def test_openapi_components_come_from_the_handler_types(app):
+    refs, comps = app.openapi_components()
+    assert refs["request"] == {"$ref": "#/components/schemas/PredictRequest"}
+    assert comps["ErrorBody"]["required"] == ["detail"]
+    assert comps["PredictRequest"]["properties"]["inputs"]["minItems"] == 64
