@@ -66,6 +66,8 @@ def test_register_records_provenance_and_checksums(store):
         assert tags[key], key
     assert tags["capsule.image_tag"] == "digits:2.13.0-cpu-py3.11-jupyter-ssh"
     assert tags["capsule.lock_hash"] == "none"  # no capsule.lock next to capsule.yaml
+    assert tags["capsule.machine_source"] == "probed at registration"
+    assert json.loads(tags["capsule.machine"])["torch"].startswith("2.13.0")
     import hashlib
 
     for f in ("model.safetensors", "model.py", "meta.json"):
@@ -146,6 +148,10 @@ def test_list_show_pull_cli(store, tmp_path):
 
 def test_rule_registers_but_does_not_promote_a_worse_version(store, tmp_path):
     worse = train_model_dir(tmp_path / "worse", steps=2, accuracy=0.51)
+    # this one's train stage recorded the (GPU) machine it ran on: that, not this host, is tagged
+    meta = json.loads((worse / "meta.json").read_text())
+    meta["machine"] = {"torch": "2.13.0+cu128", "cuda": "12.8", "gpus": "NVIDIA H100 80GB HBM3 (sm 9.0)"}
+    (worse / "meta.json").write_text(json.dumps(meta))
     r = run_capsule("models", "register", "--model-dir", str(worse), cwd=store, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr
     assert "registered digits version" in r.stdout
@@ -155,6 +161,9 @@ def test_rule_registers_but_does_not_promote_a_worse_version(store, tmp_path):
     # an explicit promote overrides the rule, and can be rolled back the same way
     r = run_capsule("models", "list", "digits", "--json", cwd=store, env=_env(), check=True)
     newest = json.loads(r.stdout)[0]["version"]
+    tags = json.loads(r.stdout)[0]["tags"]
+    assert tags["capsule.machine_source"] == "meta.json" and tags["capsule.cuda"] == "12.8"
+    assert "H100" in json.loads(tags["capsule.machine"])["gpus"]
     run_capsule("models", "promote", "digits", newest, "--alias", "champion", cwd=store, env=_env(), check=True)
     r = run_capsule("models", "show", "digits@champion", "--json", cwd=store, env=_env(), check=True)
     assert json.loads(r.stdout)["version"] == newest
