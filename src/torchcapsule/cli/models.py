@@ -20,6 +20,7 @@ tracking_option = click.option(
 
 def _store(file: str | None, uri: str | None) -> tuple[Any, str]:
     """(project or None, tracking URI): --tracking-uri, else the project's, else $MLFLOW_TRACKING_URI."""
+    from ..config import find_project_file
     from ..registry.store import tracking_uri
 
     project = None
@@ -27,10 +28,12 @@ def _store(file: str | None, uri: str | None) -> tuple[Any, str]:
         project = load(file)
     elif uri is None:
         try:
-            project = load(None)
-        except ConfigError:
+            found = find_project_file()
+        except ConfigError:  # no capsule.yaml: fine when $MLFLOW_TRACKING_URI names the store
             if not os.environ.get("MLFLOW_TRACKING_URI"):
                 raise
+            found = None
+        project = load(str(found)) if found else None  # a broken capsule.yaml is still an error
     return project, uri or tracking_uri(project)
 
 

@@ -116,9 +116,10 @@ def _uri_for(project: "Project | None", tracking: str | None) -> str:
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             try:
-                project = load_project(find_project_file())
-            except CapsuleError:
-                project = None
+                found = find_project_file()
+            except CapsuleError:  # no capsule.yaml here: tracking_uri(None) says what to pass
+                found = None
+            project = load_project(found) if found else None  # a broken one is an error
     return tracking_uri(project)
 
 
