@@ -85,14 +85,18 @@ def _states(rec: dict) -> dict[str, str]:
     return {s["name"]: s["state"] for s in rec["stages"]}
 
 
+def _env(p: Path) -> dict:
+    return {"CAPSULE_HOME": str(p / ".home")}  # the local backend's job directories stay in tmp
+
+
 def _status(p: Path, *args: str) -> dict:
-    r = run_capsule("pipeline", "status", *args, "--json", cwd=p, timeout=60)
+    r = run_capsule("pipeline", "status", *args, "--json", cwd=p, timeout=60, env=_env(p))
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
 
 def _run(p: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return run_capsule("pipeline", "run", "--no-doctor", *args, cwd=p, timeout=timeout)
+    return run_capsule("pipeline", "run", "--no-doctor", *args, cwd=p, timeout=timeout, env=_env(p))
 
 
 def test_failure_stops_the_run_and_the_rerun_resumes_at_the_failed_stage(tmp_path):
@@ -142,23 +146,27 @@ def test_failure_stops_the_run_and_the_rerun_resumes_at_the_failed_stage(tmp_pat
     st = _status(p)
     assert st["stages"][0]["reason"] == "inputs changed"
 
-    # a declared output disappears: that stage reruns
+    # a declared output disappears: that stage reruns; report, whose fingerprint (build's
+    # inputs and config) did not change, stays skipped
     (p / "out" / "build.txt").unlink()
     r = _run(p)
-    assert r.returncode == 0 and _ran(p)[10:] == ["build", "report"], r.stderr
+    assert r.returncode == 0 and _ran(p)[10:] == ["build"], r.stderr
+    st = _status(p)
+    assert st["stages"][1]["reason"] == "outputs missing: out/build.txt"
+    assert _states(st) == {"prep": "skipped", "build": "succeeded", "report": "skipped"}
 
     # --from and --only
     r = _run(p, "--only", "report", "--force")
-    assert r.returncode == 0 and _ran(p)[12:] == ["report"], r.stderr
+    assert r.returncode == 0 and _ran(p)[11:] == ["report"], r.stderr
     assert [s["name"] for s in _status(p)["stages"]] == ["report"]
     r = _run(p, "--from", "build", "--force")
-    assert r.returncode == 0 and _ran(p)[13:] == ["build", "report"], r.stderr
+    assert r.returncode == 0 and _ran(p)[12:] == ["build", "report"], r.stderr
 
     # every run left a record; status --all lists them, status RUN shows one
     runs = _status(p, "--all")
     assert len(runs) == 8 and runs[-1]["run_id"] == first["run_id"]
     assert _status(p, first["run_id"][:20])["run_id"] == first["run_id"]
-    r = run_capsule("pipeline", "status", first["run_id"], cwd=p)
+    r = run_capsule("pipeline", "status", first["run_id"], cwd=p, env=_env(p))
     assert r.returncode == 0 and "failed" in r.stdout and "build" in r.stdout
 
 
@@ -166,7 +174,8 @@ def test_ctrl_c_cancels_the_running_stage_records_interrupted_and_the_next_run_r
     p = _project(tmp_path, SLOW_CAPSULE)
     (p / "SLOW").touch()
     proc = subprocess.Popen([sys.executable, "-m", "torchcapsule.cli.main", "pipeline", "run", "--no-doctor"],
-                            cwd=p, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=p, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **_env(p)})
     try:
         deadline = time.monotonic() + 120
         while not (p / "slow.pid").exists():
@@ -231,7 +240,7 @@ def test_bad_input_is_one_line_naming_the_stage_and_fix(tmp_path, yaml_text, arg
 
 def test_preflight_doctor_is_recorded(tmp_path):
     p = _project(tmp_path, "name: toy\nstages:\n  prep:\n    run: python stage.py prep\n")
-    r = run_capsule("pipeline", "run", cwd=p, timeout=300)
+    r = run_capsule("pipeline", "run", cwd=p, timeout=300, env=_env(p))
     assert r.returncode == 0, r.stdout + r.stderr
     pre = _status(p)["preflight"]
     if "skipped" in pre:  # this installation has no `capsule doctor` module

@@ -246,7 +246,7 @@ class Runner:
                 last = next((ln for ln in reversed(rec.preflight["output"]) if ln.strip()), "")
                 raise PipelineError(f"pre-flight `capsule doctor` failed (exit {rec.preflight['exit_code']}): "
                                     f"{last.strip()}; fix that, or pass --no-doctor to skip the check")
-            backend = get_backend(o.on, **o.backend_options)
+            backend = get_backend(o.on, project=self.project, **o.backend_options)
             with Progress(self.console, rec, stream_logs=self.stream_logs) as progress:
                 for name in selected:
                     if not self._stage(rec, name, backend, progress, run_dir, history):
@@ -344,9 +344,10 @@ class Runner:
             st.reason = decision.reason
         else:
             st.state = "interrupted" if status.state.value == "CANCELLED" else "failed"
-            tail = [ln for ln in lines if ln.strip()][-1:] or [status.reason or ""]
-            st.reason = f"exit {status.exit_code}: {tail[0].strip()[-200:]}" if status.exit_code is not None \
-                else (status.reason or status.state.value.lower())
+            # the stage's own last words say more than the backend's summary line
+            own = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("[capsule]")]
+            why = own[-1][-200:] if own else (status.reason or status.state.value.lower())
+            st.reason = f"exit {status.exit_code}: {why}" if status.exit_code is not None else why
         self.store.save(rec)
         progress.event(st)
         return st.state == "succeeded"
