@@ -24,6 +24,13 @@ from typing import Any
 from ..config import Project
 from ..errors import CapsuleError, PipelineError
 from . import cache, dag
+
+
+def escape(text: str) -> str:
+    """Show text as written: a log line's "[capsule]" is not rich markup."""
+    from rich.markup import escape as _escape
+
+    return _escape(text)
 from .record import RunRecord, RunStore, StageRecord, new_run_id
 
 # Metric names shown in the progress view, best first; otherwise the first number found.
@@ -133,7 +140,7 @@ class Progress:
             dur = s.duration_s if s.duration_s is not None else (now - s.started_at if s.started_at else None)
             detail = self.tail.get(s.name, "") if s.state == "running" else (s.reason or "")
             t.add_row(s.name, f"[{_STYLE.get(s.state, '')}]{s.state}[/]", _fmt_s(dur),
-                      _fmt_metric(s.metric), detail[-80:])
+                      _fmt_metric(s.metric), escape(detail[-80:]))
         return t
 
     def __enter__(self):
@@ -160,13 +167,13 @@ class Progress:
                 bits.append(_fmt_metric(stage.metric))
             if stage.reason:
                 bits.append(f"({stage.reason})")
-            self.console.print(f"[{_STYLE.get(stage.state, '')}]" + " ".join(bits) + "[/]")
+            self.console.print(f"[{_STYLE.get(stage.state, '')}]" + escape(" ".join(bits)) + "[/]")
 
     def log(self, stage: str, line: str) -> None:
         self.tail[stage] = line
         if self.live is None and self.stream_logs:
             with self._lock:
-                self.console.print(f"[dim]{stage} |[/] {line}", markup=True, highlight=False)
+                self.console.print(f"[dim]{stage} |[/] {escape(line)}", markup=True, highlight=False)
 
 
 # -- the runner ------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ class Runner:
             options={"from": o.from_stage, "only": list(o.only), "force": o.force},
             stages=[StageRecord(name=n) for n in selected],
         )
-        if prev is not None and prev.state in ("failed", "interrupted") and not (o.from_stage or o.only):
+        if prev is not None and prev.state in ("failed", "interrupted"):
             rec.resumed_from = prev.run_id
             self.console.print(f"resuming run {prev.run_id} ({prev.state} at stage {prev.failed_stage}); "
                                "stages that succeeded with unchanged inputs are skipped")
@@ -397,7 +404,7 @@ def summary(console, rec: RunRecord) -> None:
         t.add_column(col, overflow="fold")
     for s in rec.stages:
         t.add_row(s.name, f"[{_STYLE.get(s.state, '')}]{s.state}[/]", _fmt_s(s.duration_s),
-                  _fmt_metric(s.metric), "" if s.exit_code is None else str(s.exit_code), s.reason or "")
+                  _fmt_metric(s.metric), "" if s.exit_code is None else str(s.exit_code), escape(s.reason or ""))
     console.print(t)
     bits = [f"image {rec.image}"]
     if rec.model_version:
