@@ -170,7 +170,8 @@ def test_failure_stops_the_run_and_the_rerun_resumes_at_the_failed_stage(tmp_pat
     assert r.returncode == 0 and "failed" in r.stdout and "build" in r.stdout
 
 
-def test_ctrl_c_cancels_the_running_stage_records_interrupted_and_the_next_run_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_cancels_the_running_stage_records_interrupted_and_the_next_run_resumes(tmp_path, sig):
     p = _project(tmp_path, SLOW_CAPSULE)
     (p / "SLOW").touch()
     proc = subprocess.Popen([sys.executable, "-m", "torchcapsule.cli.main", "pipeline", "run", "--no-doctor"],
@@ -183,7 +184,7 @@ def test_ctrl_c_cancels_the_running_stage_records_interrupted_and_the_next_run_r
             assert time.monotonic() < deadline, "the slow stage never started"
             time.sleep(0.2)
         stage_pid = int((p / "slow.pid").read_text())
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)  # SIGTERM: what docker stop / kubectl delete / Slurm send
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

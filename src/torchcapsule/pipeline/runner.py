@@ -147,7 +147,8 @@ class Progress:
         if self.console.is_terminal:
             from rich.live import Live
 
-            self.live = Live(get_renderable=self.table, console=self.console, refresh_per_second=4)
+            self.live = Live(get_renderable=self.table, console=self.console, refresh_per_second=4,
+                             transient=True)  # the summary table replaces it at the end
             self.live.__enter__()
         return self
 
