@@ -33,13 +33,16 @@ def render(project: Project, *, mlflow_image: str = MLFLOW_IMAGE) -> dict[str, A
     train_gpus = c.max_gpus(project).count
     serve_gpus = 0 if project.image.cuda == "cpu" or project.serve.device == "cpu" else 1
     shm = [s.resources.shm_size for s in project.stages.values() if s.resources.shm_size]
+    # The dev box starts as root on purpose: the image's entrypoint maps the user to HOST_UID,
+    # starts sshd, then drops to that user for Jupyter and every session (`capsule dev` does the same).
     dev: dict[str, Any] = {
         "image": tag,
-        "user": uid,
+        "command": ["dev"],
         "working_dir": paths["workspace"],
         "volumes": [f"./:{paths['workspace']}"],
-        "environment": {"MLFLOW_TRACKING_URI": tracking},
-        "ports": ["127.0.0.1:8888:8888", "127.0.0.1:2222:2222"],
+        "environment": {"MLFLOW_TRACKING_URI": tracking, "HOST_UID": str(user.uid),
+                        "HOST_GID": str(user.gid or user.uid)},
+        "ports": ["127.0.0.1:8888:8888", "127.0.0.1:2222:22"],
         "ipc": "host",  # torch DataLoader workers and NCCL share memory through /dev/shm
         "depends_on": {"mlflow": {"condition": "service_healthy"}},
     }
