@@ -15,7 +15,7 @@ from ..conftest import EXAMPLE
 
 GPU_PROJECT = """
 name: vision
-image: {torch: "2.13.0", cuda: "12.8", user: {name: ml, uid: 1234}}
+image: {torch: "2.13.0", cuda: "13.0", user: {name: ml, uid: 1234}}  # 13.0: valid before and after the doctor branch's matrix update
 stages:
   test: {run: python -m pytest -q}
   train:
