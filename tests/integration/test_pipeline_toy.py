@@ -229,6 +229,7 @@ def _alive(pid: int) -> bool:
     ("name: t\nstages:\n  a: {run: 'true'}\n", ("--from", "z"), "--from: unknown stage 'z'"),
     ("name: t\nstages:\n  a: {run: 'true'}\n", ("--on", "mars"), "--on: unknown backend 'mars'"),
     ("name: t\nschedule: {cron: '61 * * * *'}\nstages:\n  a: {run: 'true'}\n", (), "schedule.cron"),
+    ("name: t\n", (), "stages: none defined"),
 ])
 def test_bad_input_is_one_line_naming_the_stage_and_fix(tmp_path, yaml_text, args, expect):
     (tmp_path / "capsule.yaml").write_text(yaml_text)

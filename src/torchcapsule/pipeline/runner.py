@@ -227,6 +227,9 @@ class Runner:
         from ..launch import get_backend
 
         o = self.opts
+        if not self.graph:
+            raise PipelineError(f"{self.project.root / 'capsule.yaml'}: stages: none defined; add stages such as "
+                                "`stages: {train: {run: train.py}}` (see `capsule init`)")
         selected = dag.select(self.graph, from_stage=o.from_stage, only=o.only)
         history = self.store.all()
         prev = history[0] if history else None
