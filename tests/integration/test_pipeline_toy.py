@@ -144,7 +144,8 @@ def test_failure_stops_the_run_and_the_rerun_resumes_at_the_failed_stage(tmp_pat
     r = _run(p)
     assert r.returncode == 0 and _ran(p)[7:] == ["prep", "build", "report"], r.stderr
     st = _status(p)
-    assert st["stages"][0]["reason"] == "inputs changed"
+    assert st["stages"][0]["reason"] == "inputs changed: params.txt"
+    assert st["stages"][1]["reason"] == "config, image or an upstream stage changed"
 
     # a declared output disappears: that stage reruns; report, whose fingerprint (build's
     # inputs and config) did not change, stays skipped
@@ -155,16 +156,23 @@ def test_failure_stops_the_run_and_the_rerun_resumes_at_the_failed_stage(tmp_pat
     assert st["stages"][1]["reason"] == "outputs missing: out/build.txt"
     assert _states(st) == {"prep": "skipped", "build": "succeeded", "report": "skipped"}
 
+    # a failing attempt does not borrow the metric file an earlier success left behind
+    (p / "FAIL_BUILD").touch()
+    r = _run(p, "--only", "build", "--force")
+    assert r.returncode == 1 and _status(p)["stages"][0]["metric"] is None, r.stdout
+    (p / "FAIL_BUILD").unlink()
+    _ran_before = len(_ran(p))
+
     # --from and --only
     r = _run(p, "--only", "report", "--force")
-    assert r.returncode == 0 and _ran(p)[11:] == ["report"], r.stderr
+    assert r.returncode == 0 and _ran(p)[_ran_before:] == ["report"], r.stderr
     assert [s["name"] for s in _status(p)["stages"]] == ["report"]
     r = _run(p, "--from", "build", "--force")
-    assert r.returncode == 0 and _ran(p)[12:] == ["build", "report"], r.stderr
+    assert r.returncode == 0 and _ran(p)[_ran_before + 1:] == ["build", "report"], r.stderr
 
     # every run left a record; status --all lists them, status RUN shows one
     runs = _status(p, "--all")
-    assert len(runs) == 8 and runs[-1]["run_id"] == first["run_id"]
+    assert len(runs) == 9 and runs[-1]["run_id"] == first["run_id"]
     assert _status(p, first["run_id"][:20])["run_id"] == first["run_id"]
     r = run_capsule("pipeline", "status", first["run_id"], cwd=p, env=_env(p))
     assert r.returncode == 0 and "failed" in r.stdout and "build" in r.stdout

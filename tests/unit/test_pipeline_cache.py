@@ -28,7 +28,14 @@ def test_decide():
     ok = LastAttempt("r1", "succeeded", "fp")
     assert decide("fp", ok) == Decision(False, "unchanged since run r1", cached_from="r1")
     assert decide("fp", LastAttempt("r2", "skipped", "fp")).run is False
-    assert decide("fp2", ok) == Decision(True, "inputs changed")
+    assert decide("fp2", ok) == Decision(True, "config, image or an upstream stage changed")
+    with_inputs = LastAttempt("r1", "succeeded", "fp", {"a.py": "1", "b.py": "2"})
+    assert decide("fp2", with_inputs, inputs={"a.py": "1", "b.py": "3", "c.py": "4"}) == \
+        Decision(True, "inputs changed: b.py, c.py")
+    assert decide("fp2", with_inputs, inputs={"a.py": "1", "b.py": "2"}).reason == \
+        "config, image or an upstream stage changed"
+    many = {f"f{i}.py": "x" for i in range(5)}
+    assert decide("fp2", with_inputs, inputs=many).reason.endswith("and 4 more")
     assert decide("fp", ok, force=True) == Decision(True, "--force")
     assert decide("fp", None) == Decision(True, "no earlier run")
     # a failed or interrupted last attempt reruns even with the same inputs (resume)
@@ -66,9 +73,9 @@ def test_store_round_trip_latest_prefix_and_last_attempt(tmp_path):
     assert [r.run_id for r in store.all()] == ["20260102-000000-bbbbbb", "20260101-000000-aaaaaa"]
     assert store.load().run_id == "20260102-000000-bbbbbb"
     assert store.load("20260101").stages[1].state == "failed"
-    assert store.last_attempt("a") == LastAttempt("20260102-000000-bbbbbb", "skipped", "fa")
+    assert store.last_attempt("a") == LastAttempt("20260102-000000-bbbbbb", "skipped", "fa", {})
     # b was only pending in the newest run: the decision comes from its failed attempt before
-    assert store.last_attempt("b") == LastAttempt("20260101-000000-aaaaaa", "failed", "fb")
+    assert store.last_attempt("b") == LastAttempt("20260101-000000-aaaaaa", "failed", "fb", {})
     assert store.last_attempt("c") is None
     with pytest.raises(PipelineError, match="ambiguous"):
         store.load("2026")

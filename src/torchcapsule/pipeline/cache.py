@@ -39,6 +39,7 @@ class LastAttempt:
     run_id: str
     state: str  # succeeded | skipped | failed | interrupted
     fingerprint: str | None
+    inputs: Mapping[str, str] | None = None  # file -> sha256 as recorded then (to say what changed)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,13 @@ class Decision:
 SUCCESS_STATES = ("succeeded", "skipped")
 
 
+def changed_files(now: Mapping[str, str], before: Mapping[str, str]) -> list[str]:
+    """Files added, removed or modified between two input hash maps, sorted."""
+    return sorted(f for f in set(now) | set(before) if now.get(f) != before.get(f))
+
+
 def decide(fp: str, last: LastAttempt | None, *, force: bool = False,
-           missing_outputs: Iterable[str] = ()) -> Decision:
+           missing_outputs: Iterable[str] = (), inputs: Mapping[str, str] | None = None) -> Decision:
     if force:
         return Decision(True, "--force")
     if last is None:
@@ -60,7 +66,11 @@ def decide(fp: str, last: LastAttempt | None, *, force: bool = False,
     if last.state not in SUCCESS_STATES:
         return Decision(True, f"last attempt {last.state} (run {last.run_id})")
     if last.fingerprint != fp:
-        return Decision(True, "inputs changed")
+        changed = changed_files(inputs, last.inputs) if inputs is not None and last.inputs is not None else []
+        if changed:
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            return Decision(True, f"inputs changed: {', '.join(changed[:3])}{more}")
+        return Decision(True, "config, image or an upstream stage changed")
     missing = list(missing_outputs)
     if missing:
         return Decision(True, f"outputs missing: {', '.join(missing)}")
@@ -101,5 +111,5 @@ def missing_outputs(root: Path, patterns: Iterable[str]) -> list[str]:
     return [p for p in patterns if not any(root.glob(p))]
 
 
-__all__ = ["fingerprint", "LastAttempt", "Decision", "decide", "hash_inputs", "missing_outputs",
+__all__ = ["fingerprint", "LastAttempt", "Decision", "decide", "changed_files", "hash_inputs", "missing_outputs",
            "SUCCESS_STATES", "FINGERPRINT_VERSION"]

@@ -166,7 +166,7 @@ class RunStore:
         for rec in records if records is not None else self.all():
             for s in rec.stages:
                 if s.name == stage and s.state in ATTEMPTED:
-                    return LastAttempt(rec.run_id, s.state, s.fingerprint)
+                    return LastAttempt(rec.run_id, s.state, s.fingerprint, s.inputs)
         return None
 
 

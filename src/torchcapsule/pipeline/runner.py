@@ -55,11 +55,21 @@ class RunOptions:
 
 
 # -- small effects ---------------------------------------------------------------------------
-def key_metric(logs: Path, stage: str) -> dict[str, float] | None:
+def _fresh(p: Path, since: float | None) -> bool:
+    """Written by this attempt (a file left by an earlier run says nothing about this one)."""
+    try:
+        return since is None or p.stat().st_mtime >= since - 0.1  # file times are a few ms coarse
+    except OSError:
+        return False
+
+
+def key_metric(logs: Path, stage: str, since: float | None = None) -> dict[str, float] | None:
     """{name: value} from logs/metrics-<stage>.json, or the last line of a metrics .jsonl."""
     data: Any = None
     candidates = [logs / f"metrics-{stage}.json"]
     for p in candidates:
+        if not _fresh(p, since):
+            continue
         try:
             data = json.loads(p.read_text())
             break
@@ -67,6 +77,8 @@ def key_metric(logs: Path, stage: str) -> dict[str, float] | None:
             continue
     if data is None:
         for p in (logs / f"metrics-{stage}.jsonl", logs / stage / "metrics.jsonl", logs / f"{stage}.jsonl"):
+            if not _fresh(p, since):
+                continue
             try:
                 lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
                 data = json.loads(lines[-1]) if lines else None
@@ -297,7 +309,8 @@ class Runner:
         inputs = self._inputs(name)
         fp = self.fingerprint(name, inputs)
         decision = cache.decide(fp, self.store.last_attempt(name, history), force=self.opts.force,
-                                missing_outputs=cache.missing_outputs(self.project.root, stage.outputs))
+                                missing_outputs=cache.missing_outputs(self.project.root, stage.outputs),
+                                inputs=inputs)
         st.fingerprint, st.inputs, st.reason = fp, inputs, decision.reason
         if not decision.run:
             st.state, st.cached_from = "skipped", decision.cached_from
@@ -341,7 +354,7 @@ class Runner:
         follower.join(timeout=10)
         st.exit_code = status.exit_code
         self._finish(st)
-        st.metric = key_metric(self.logs, name)
+        st.metric = key_metric(self.logs, name, since=st.started_at)
         mv = model_version_from(list(lines), outputs_file)
         if mv:
             rec.model_version = mv
