@@ -121,20 +121,36 @@ out = {"errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": {}}
 for dag_id, dag in bag.dags.items():
     out["dags"][dag_id] = {"tasks": [t.task_id for t in dag.tasks], "schedule": str(getattr(dag, "schedule", "")),
                            "operators": [type(t).__name__ for t in dag.tasks]}
+    for t in dag.tasks:
+        if hasattr(t, "build_pod_request_obj"):  # the pod KubernetesPodOperator would create
+            from kubernetes.client import ApiClient
+            out["dags"][dag_id]["pod"] = ApiClient().sanitize_for_serialization(t.build_pod_request_obj())
 print("RESULT " + json.dumps(out))
 """
 
 
+# KubernetesPodOperator builds its pod only with a kube config at hand; this one points nowhere
+# (nothing is contacted: the pod is built, not submitted).
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:9"}}]
+users: [{name: none, user: {token: none}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+"""
+
+
 @pytest.mark.parametrize("operator, op_class", [("docker", "BashOperator"), ("kubernetes", "KubernetesPodOperator")])
-def test_airflow_dag_imports_in_real_airflow_3(projects, tmp_path, operator, op_class):
+def test_airflow_dag_imports_in_real_airflow_3(projects, tmp_path, operator, op_class, k8s_validate):
     if not AIRFLOW_PY.is_file():
         missing_part(f"{AIRFLOW_PY} missing; run scripts/setup-airflow.sh")
     dags = tmp_path / "dags"
     dags.mkdir()
     for name in ("digits", "gpu"):
         (dags / f"{name}_pipeline.py").write_text(_export(projects[name], "airflow", "--operator", operator))
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "AIRFLOW__CORE__UNIT_TEST_MODE": "True", "PYTHONPATH": ""}
+           "AIRFLOW__CORE__UNIT_TEST_MODE": "True", "PYTHONPATH": "", "KUBECONFIG": str(tmp_path / "kubeconfig")}
     r = subprocess.run([str(AIRFLOW_PY), "-c", DAGBAG, str(dags)], capture_output=True, text=True, env=env,
                        timeout=300)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -145,6 +161,15 @@ def test_airflow_dag_imports_in_real_airflow_3(projects, tmp_path, operator, op_
     for d in res["dags"].values():
         assert d["tasks"] == ["capsule_pipeline_run"] and d["operators"] == [op_class]
     assert "0 3 * * 1" in res["dags"]["digits_pipeline"]["schedule"]
+    if operator == "kubernetes":  # the pod Airflow would submit: valid, non-root, GPUs, volumes
+        for d in res["dags"].values():
+            k8s_validate.validate(d["pod"], k8s_validate.latest_version(), strict=True)
+            assert d["pod"]["spec"]["securityContext"]["runAsNonRoot"] is True
+            assert d["pod"]["spec"]["containers"][0]["command"] == ["capsule", "pipeline", "run", "--on", "local"]
+        gpod = res["dags"]["vision_pipeline"]["pod"]["spec"]
+        assert gpod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+        claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in gpod["volumes"]}
+        assert claims["logs"] == "vision-logs"
 
 
 def test_airflow_reports_a_broken_dag(projects, tmp_path):

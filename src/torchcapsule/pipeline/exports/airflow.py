@@ -31,6 +31,17 @@ def _docker_command(project: Project, project_dir: str, on: str) -> str:
     return shlex.join(argv)
 
 
+def _k8s_volume(v: dict) -> str:
+    """A pod volume (PVC or emptyDir, as the CronJob export makes them) as kubernetes client code."""
+    if "persistentVolumeClaim" in v:
+        claim = v["persistentVolumeClaim"]["claimName"]
+        return (f"k8s.V1Volume(name={v['name']!r}, persistent_volume_claim="
+                f"k8s.V1PersistentVolumeClaimVolumeSource(claim_name={claim!r}))")
+    ed = v.get("emptyDir") or {}
+    args = ", ".join(f"{k}={ed[src]!r}" for src, k in (("medium", "medium"), ("sizeLimit", "size_limit")) if src in ed)
+    return f"k8s.V1Volume(name={v['name']!r}, empty_dir=k8s.V1EmptyDirVolumeSource({args}))"
+
+
 def text(project: Project, *, operator: str = "docker", project_dir: str | None = None,
          on: str = "local") -> str:
     if operator not in OPERATORS:
@@ -81,6 +92,7 @@ with DAG(
         f"        node_selector={pod.get('nodeSelector', {})!r},",
         f"        container_resources=k8s.V1ResourceRequirements(limits={ {k: str(v) for k, v in limits.items()}!r}),",
         f"        security_context={pod['securityContext']!r},",
+        f"        container_security_context={ctr['securityContext']!r},",
         "        get_logs=True,",
         '        on_finish_action="delete_pod",',
         "        execution_timeout=pendulum.duration(hours=6),",
@@ -88,5 +100,11 @@ with DAG(
     ]
     if pod.get("tolerations"):
         lines.insert(-5, f"        tolerations=[k8s.V1Toleration(**t) for t in {pod['tolerations']!r}],")
+    vols = [_k8s_volume(v) for v in pod.get("volumes", [])]
+    if vols:
+        mounts = [f"k8s.V1VolumeMount(name={m['name']!r}, mount_path={m['mountPath']!r})"
+                  for m in ctr.get("volumeMounts", [])]
+        lines.insert(-5, "        volumes=[" + ", ".join(vols) + "],")
+        lines.insert(-5, "        volume_mounts=[" + ", ".join(mounts) + "],")
     return (head + "from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator\n"
             "from kubernetes.client import models as k8s\n" + common + "\n".join(lines) + "\n")
