@@ -357,7 +357,10 @@ def supervise(job_dir: Path) -> int:
         os.killpg(child.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    state, code, reason = job_result(rc, "".join(tail), distributed=job["distributed"],
+    text = "".join(tail)
+    if job["distributed"]:
+        text += _rank_stderr_tails(Path(job["log"]).with_suffix(""))
+    state, code, reason = job_result(rc, text, distributed=job["distributed"],
                                      cancelled=cancelled["at"] is not None or (job_dir / "cancel").exists())
     if reason:
         log.write(f"[capsule] {state.value}: {reason}\n")
@@ -365,6 +368,20 @@ def supervise(job_dir: Path) -> int:
     _write_json(job_dir / "state.json", {"state": state.value, "exit_code": code, "reason": reason,
                                           "pid": child.pid, "started_at": started, "finished_at": time.time()})
     return code
+
+
+def _rank_stderr_tails(torchrun_log_dir: Path, nbytes: int = 4096) -> str:
+    """The ends of each rank's own stderr file (torchrun --log_dir): when torchrun is signalled it
+    may exit before its console tee has copied the ranks' last lines, these files still have them."""
+    out = []
+    for f in sorted(torchrun_log_dir.glob("*/attempt_*/*/stderr.log")):
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(max(0, f.stat().st_size - nbytes))
+                out.append(fh.read().decode("utf-8", errors="replace"))
+        except OSError:
+            continue
+    return "\n" + "\n".join(out) if out else ""
 
 
 if __name__ == "__main__":  # the detached supervisor: python -m torchcapsule.launch.local JOB_DIR
