@@ -52,7 +52,10 @@ def test_sigterm_saves_checkpoint_and_next_run_resumes(tmp_path):
     wait_for(lambda: json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)["state"]
              in ("CANCELLED", "FAILED", "SUCCEEDED"), 90, "the job to stop")
     st = json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)
-    assert st["state"] == "CANCELLED" and st["exit_code"] == 75, st
+    log = capsule(project, tmp_path, "jobs", "logs", job).stdout
+    assert st["state"] == "CANCELLED" and st["exit_code"] == 75, f"{st}\n{log[-4000:]}"
+    for f in (project / "logs" / "pids").glob("rank-*.pid"):  # no rank outlives its job
+        assert not os.path.exists(f"/proc/{int(f.read_text())}"), f.name
     preempted = _events(project, "preempted")
     assert len(preempted) == 1
     step = preempted[0]["step"]
