@@ -351,13 +351,18 @@ def supervise(job_dir: Path) -> int:
                 return
             time.sleep(0.5)
 
-    threading.Thread(target=watch, daemon=True).start()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     for raw in iter(child.stdout.readline, b""):
         line = raw.decode("utf-8", errors="replace")
         log.write(line)
         tail.append(line)
     rc = child.wait()
-    _kill_seen(seen)  # no rank outlives its job, even if torchrun died without reaping it
+    watcher.join(timeout=5)  # it ends with the child; then `seen` no longer changes
+    # If torchrun died first (killed, or signalled twice), its ranks may still be finishing a
+    # preemption checkpoint: give them the grace period, then make sure none outlives the job.
+    _wait_seen(seen, CANCEL_GRACE_S if cancelled["at"] is not None else 5.0)
+    _kill_seen(seen)
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -379,6 +384,8 @@ def _proc_stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, start time in clock ticks) of a live process, from /proc."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):  # finished, waiting to be reaped: not running
+            return None
         return int(fields[1]), int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
@@ -399,6 +406,14 @@ def _descendants(pid: int) -> dict[int, int]:
             out[c] = start
             todo.append(c)
     return out
+
+
+def _wait_seen(seen: dict[int, int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any((st := _proc_stat(pid)) is not None and st[1] == start for pid, start in seen.items()):
+            return
+        time.sleep(0.1)
 
 
 def _kill_seen(seen: dict[int, int]) -> None:
