@@ -337,9 +337,13 @@ def supervise(job_dir: Path) -> int:
     assert child.stdout is not None
     import threading
 
-    def escalate():  # SIGKILL the group if ranks ignore SIGTERM for too long
+    seen: dict[int, int] = {}  # every process the job started (torchrun puts ranks in own sessions)
+
+    def watch():  # note the job's processes; SIGKILL them if they ignore SIGTERM for too long
         while child.poll() is None:
+            seen.update(_descendants(child.pid))
             if cancelled["at"] is not None and time.monotonic() - cancelled["at"] > CANCEL_GRACE_S:
+                _kill_seen(seen)
                 try:
                     os.killpg(child.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -347,17 +351,26 @@ def supervise(job_dir: Path) -> int:
                 return
             time.sleep(0.5)
 
-    threading.Thread(target=escalate, daemon=True).start()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     for raw in iter(child.stdout.readline, b""):
         line = raw.decode("utf-8", errors="replace")
         log.write(line)
         tail.append(line)
     rc = child.wait()
-    try:  # no rank outlives its job (e.g. a worker torchrun could not reap)
+    watcher.join(timeout=5)  # it ends with the child; then `seen` no longer changes
+    # If torchrun died first (killed, or signalled twice), its ranks may still be finishing a
+    # preemption checkpoint: give them the grace period, then make sure none outlives the job.
+    _wait_seen(seen, CANCEL_GRACE_S if cancelled["at"] is not None else 5.0)
+    _kill_seen(seen)
+    try:
         os.killpg(child.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    state, code, reason = job_result(rc, "".join(tail), distributed=job["distributed"],
+    text = "".join(tail)
+    if job["distributed"]:
+        text += _rank_stderr_tails(Path(job["log"]).with_suffix(""))
+    state, code, reason = job_result(rc, text, distributed=job["distributed"],
                                      cancelled=cancelled["at"] is not None or (job_dir / "cancel").exists())
     if reason:
         log.write(f"[capsule] {state.value}: {reason}\n")
@@ -365,6 +378,67 @@ def supervise(job_dir: Path) -> int:
     _write_json(job_dir / "state.json", {"state": state.value, "exit_code": code, "reason": reason,
                                           "pid": child.pid, "started_at": started, "finished_at": time.time()})
     return code
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live process, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):  # finished, waiting to be reaped: not running
+            return None
+        return int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """pid -> start time of every process below pid (e.g. torchrun's ranks, in sessions of their own)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st is not None:
+                children.setdefault(st[0], []).append((int(entry.name), st[1]))
+    out: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        for c, start in children.get(todo.pop(), []):
+            out[c] = start
+            todo.append(c)
+    return out
+
+
+def _wait_seen(seen: dict[int, int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any((st := _proc_stat(pid)) is not None and st[1] == start for pid, start in seen.items()):
+            return
+        time.sleep(0.1)
+
+
+def _kill_seen(seen: dict[int, int]) -> None:
+    """SIGKILL the processes seen earlier that still run (same pid AND same start time: no reuse)."""
+    for pid, start in seen.items():
+        st = _proc_stat(pid)
+        if st is not None and st[1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _rank_stderr_tails(torchrun_log_dir: Path, nbytes: int = 4096) -> str:
+    """The ends of each rank's own stderr file (torchrun --log_dir): when torchrun is signalled it
+    may exit before its console tee has copied the ranks' last lines, these files still have them."""
+    out = []
+    for f in sorted(torchrun_log_dir.glob("*/attempt_*/*/stderr.log")):
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(max(0, f.stat().st_size - nbytes))
+                out.append(fh.read().decode("utf-8", errors="replace"))
+        except OSError:
+            continue
+    return "\n" + "\n".join(out) if out else ""
 
 
 if __name__ == "__main__":  # the detached supervisor: python -m torchcapsule.launch.local JOB_DIR
