@@ -341,6 +341,16 @@ class Project(_Model):
                         f"@stages.{name}.needs: unknown stage '{need}'{hint}; "
                         f"stages: {', '.join(self.stages)}"
                     )
+        # A cycle in `needs` is caught here too, so `capsule validate` reports it with its line.
+        from .pipeline.dag import find_cycle
+
+        cycle = find_cycle({n: s.needs for n, s in self.stages.items()})
+        if cycle:
+            a, b = cycle[-2], cycle[-1]
+            raise ValueError(
+                f"@stages.{b}.needs: cycle {' -> '.join(cycle)}; remove '{a}' from stages.{b}.needs "
+                "(or another need on the cycle)"
+            )
         return self
 
     def stage(self, name: str) -> Stage:
