@@ -233,6 +233,16 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         pubkey_file=pubkey, token_file=token_file.resolve(),
     )
     argv = d.docker_run_argv(opts)
+    # The token file exists before the command is shown, so a printed command works as is
+    # (a missing bind-mount source would become an empty directory).
+    state.mkdir(parents=True, exist_ok=True)
+    if not token_file.is_file() or not token_file.read_text().strip():
+        old = os.umask(0o077)
+        try:
+            token_file.write_text(secrets.token_hex(24))
+        finally:
+            os.umask(old)
+    token_file.chmod(0o600)
     if dry_run:
         if as_json:
             print_json({"argv": argv})
@@ -248,14 +258,6 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
     labels = b.image_labels(image_ref)
     if labels.get("io.torchcapsule.flavor") == "slim":
         raise ImageError(f"--image: {image_ref} is a slim image (no Jupyter or SSH); build and use the jupyter-ssh flavor")
-    state.mkdir(parents=True, exist_ok=True)
-    if not token_file.is_file() or not token_file.read_text().strip():
-        old = os.umask(0o077)
-        try:
-            token_file.write_text(secrets.token_hex(24))
-        finally:
-            os.umask(old)
-    token_file.chmod(0o600)
     for v in d.VOLUMES:
         opts.volumes[v].mkdir(parents=True, exist_ok=True)
     r = subprocess.run(argv, capture_output=True, text=True)
