@@ -296,3 +296,24 @@ def test_failed_build_leaves_the_final_tag_untouched(tmp_path, digits_slim_image
         assert inspect(final, "{{.Id}}") == good
     finally:
         docker("rmi", final, check=False)
+
+
+def test_generated_token_is_in_a_0600_file_and_not_in_logs(digits_dev_image):
+    import httpx
+
+    port, name = free_port(), f"capsule-test-token-{os.getpid()}"
+    docker("rm", "-f", name, check=False)
+    try:
+        docker("run", "-d", "--name", name, "--network", "host", "--ipc=host", "-e", f"JUPYTER_PORT={port}",
+               "-e", "JUPYTER_IP=127.0.0.1", digits_dev_image, "jupyter")
+        _wait_jupyter(port)
+        token = docker("exec", name, "cat", "/run/capsule/jupyter_token").stdout.strip()
+        assert len(token) == 48
+        assert docker("exec", name, "stat", "-c", "%a", "/run/capsule/jupyter_token").stdout.strip() == "600"
+        url = f"http://127.0.0.1:{port}/api/contents"
+        assert httpx.get(url, timeout=10).status_code == 403
+        assert httpx.get(url, params={"token": token}, timeout=10).status_code == 200
+        logs = docker("logs", name)
+        assert token not in logs.stdout + logs.stderr and "token=..." in logs.stdout + logs.stderr
+    finally:
+        docker("rm", "-f", name, check=False)
