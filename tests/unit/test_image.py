@@ -223,3 +223,31 @@ def test_cli_lint_passes():
     r = run_capsule("image", "lint", "-f", str(EXAMPLE))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no findings" in r.stdout
+
+
+def test_dev_maps_to_the_workspace_owner_under_root(tmp_path, monkeypatch):
+    import os as _os
+
+    from torchcapsule.cli.image import _host_ids
+
+    (tmp_path / "capsule.yaml").write_text("name: x\n")
+    project = load_project(tmp_path)
+    monkeypatch.setattr(_os, "getuid", lambda: 0)
+    monkeypatch.setattr(_os, "getgid", lambda: 0)
+    _os.chown(tmp_path, 4242, 4243) if _os.geteuid() == 0 else pytest.skip("needs root to chown")
+    assert _host_ids(project, None, None) == (4242, 4243)
+    assert _host_ids(project, 1500, None) == (1500, 1500)
+    _os.chown(tmp_path, 0, 0)
+    assert _host_ids(project, None, None) == (None, None)
+
+
+def test_build_failure_message_is_one_line_naming_step_and_cause():
+    from torchcapsule.image.build import _failure
+
+    tail = ["Step 12/32 : RUN apt-get update  && apt-get install -y --no-install-recommends tini nope-pkg",
+            " ---> Running in 1234", "Reading package lists...",
+            "\x1b[91mE: Unable to locate package nope-pkg\n\x1b[0m",
+            "The command '/bin/bash -o pipefail -c apt-get update' returned a non-zero code: 100"]
+    msg = _failure(tail[0], tail, None, "x:1")
+    assert "\n" not in msg and msg.startswith("docker build failed at Step 12/32")
+    assert "E: Unable to locate package nope-pkg" in msg and msg.endswith("x:1 was not tagged")
