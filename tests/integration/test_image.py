@@ -294,6 +294,9 @@ def test_failed_build_leaves_the_final_tag_untouched(tmp_path, digits_slim_image
         assert len(lines) == 1 and lines[0].startswith("error: docker build failed at Step")
         assert "capsule-no-such-package" in lines[0] and f"{final} was not tagged" in lines[0]
         assert inspect(final, "{{.Id}}") == good
+        # ...and no container of the failed step is left behind (--force-rm).
+        left = docker("ps", "-a", "--filter", "status=exited", "--format", "{{.Command}}", "--no-trunc").stdout
+        assert "capsule-no-such-package" not in left
     finally:
         docker("rmi", final, check=False)
 
