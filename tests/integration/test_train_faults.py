@@ -121,3 +121,16 @@ def test_killed_launcher_leaves_no_rank_behind(tmp_path):
     st = json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)
     assert st["exit_code"] == 137, st
     wait_for(lambda: not [p for p in ranks if _running(p)], 10, "the orphaned ranks to be killed")
+
+
+def test_non_ddp_stage_is_retried(tmp_path):
+    flaky = "import pathlib, sys; p = pathlib.Path('tries'); n = int(p.read_text()) if p.exists() else 0; " \
+            "p.write_text(str(n + 1)); print('try', n + 1); sys.exit(0 if n >= 1 else 5)"
+    project = example_copy(tmp_path, extra_stages={
+        "flaky": {"run": f'python -c "{flaky}"', "retries": 2},
+        "hopeless": {"run": 'python -c "import sys; sys.exit(6)"', "retries": 1}})
+    r = capsule(project, tmp_path, "run", "flaky")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (project / "tries").read_text() == "2" and "retry 1/2" in r.stdout
+    r = capsule(project, tmp_path, "run", "hopeless")
+    assert r.returncode == 6 and r.stdout.count("retry") == 1, r.stdout + r.stderr
