@@ -53,9 +53,11 @@ def test_kill9_rank_restarts_and_resumes_from_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_checkpoint_and_next_run_resumes(tmp_path):
-    project = example_copy(tmp_path, epochs=60)
+    # 150 epochs (about 20 s on a quiet 2-core machine) so that `capsule jobs cancel`, itself a
+    # Python start-up, surely lands mid-training; the ranks handle SIGTERM from "started" on.
+    project = example_copy(tmp_path, epochs=150)
     job = _job_id(capsule(project, tmp_path, "run", "train", "--detach"))
-    wait_for(lambda: checkpoints(project), 120, "the first checkpoint")
+    wait_for(lambda: _events(project, "started"), 120, "training to start")
     assert capsule(project, tmp_path, "jobs", "cancel", job).returncode == 0
     wait_for(lambda: json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)["state"]
              in ("CANCELLED", "FAILED", "SUCCEEDED"), 90, "the job to stop")
