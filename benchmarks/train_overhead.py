@@ -41,6 +41,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--trivial-repeats", type=int, default=5,
+                    help="repeats of a 2-rank script that only joins the group (the fixed cost)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="capsule-bench-"))
@@ -48,7 +50,10 @@ def main() -> None:
     shutil.copytree(REPO / "examples" / "digits", proj,
                     ignore=shutil.ignore_patterns("__pycache__", "models", "logs", "data", ".pytest_cache"))
     cfg = proj / "capsule.yaml"
-    cfg.write_text(cfg.read_text().replace("train.py --epochs 30", f"train.py --epochs {args.epochs}"))
+    cfg.write_text(cfg.read_text().replace("train.py --epochs 30", f"train.py --epochs {args.epochs}")
+                   .replace("stages:\n", "stages:\n  trivial: {run: trivial.py, distributed: ddp, resources: {cpus: 2}}\n", 1))
+    (proj / "trivial.py").write_text("from torchcapsule.train import init_distributed, barrier, cleanup\n"
+                                     "init_distributed(); barrier(); cleanup()\n")
     pp = os.environ.get("PYTHONPATH", "")
     env = {**os.environ, "CAPSULE_HOME": str(work / "home"),
            "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{pp}" if pp else str(REPO / "src")}
@@ -57,22 +62,28 @@ def main() -> None:
                 "CAPSULE_MODELS_DIR": str(proj / "models"), "CAPSULE_LOGS_DIR": str(proj / "logs"),
                 "CAPSULE_DATA_DIR": str(proj / "data"), "OMP_NUM_THREADS": "1",
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    capsule = [sys.executable, "-m", "torchcapsule.cli.main", "run", "train"]
-    caps, bare = [], []
-    for i in range(args.repeats):
-        bare_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                    "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
-                    "train.py", "--epochs", str(args.epochs)]
-        order = [("capsule", capsule, env), ("bare", bare_cmd, bare_env)]
-        for name, argv, e in (order if i % 2 == 0 else order[::-1]):
-            dt = timed(argv, proj, e)
-            (caps if name == "capsule" else bare).append(dt)
-            print(f"repeat {i + 1} {name:8s} {dt:6.2f} s", flush=True)
-    mc, mb = statistics.median(caps), statistics.median(bare)
-    print(f"\nmedian wall time over {args.repeats} repeats, {args.epochs} epochs, 2 CPU ranks (gloo):")
-    print(f"  bare torchrun  {mb:6.2f} s   (min {min(bare):.2f})")
-    print(f"  capsule run    {mc:6.2f} s   (min {min(caps):.2f})")
-    print(f"  overhead       {100 * (mc - mb) / mb:+.1f} % of median ({mc - mb:+.2f} s)")
+    def compare(stage: str, script: list[str], repeats: int) -> tuple[float, float]:
+        capsule = [sys.executable, "-m", "torchcapsule.cli.main", "run", stage]
+        caps, bare = [], []
+        for i in range(repeats):
+            bare_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", *script]
+            order = [("capsule", capsule, env), ("bare", bare_cmd, {**bare_env, "CAPSULE_STAGE": stage})]
+            for name, argv, e in (order if i % 2 == 0 else order[::-1]):
+                dt = timed(argv, proj, e)
+                (caps if name == "capsule" else bare).append(dt)
+                print(f"{stage} repeat {i + 1} {name:8s} {dt:6.2f} s", flush=True)
+        mc, mb = statistics.median(caps), statistics.median(bare)
+        print(f"  -> {stage}: median bare torchrun {mb:.2f} s (min {min(bare):.2f}), capsule run {mc:.2f} s "
+              f"(min {min(caps):.2f}): overhead {100 * (mc - mb) / mb:+.1f} % ({mc - mb:+.2f} s)", flush=True)
+        return mc, mb
+
+    tc, tb = compare("trivial", ["trivial.py"], args.trivial_repeats)
+    mc, mb = compare("train", ["train.py", "--epochs", str(args.epochs)], args.repeats)
+    print(f"\nsummary (2 CPU ranks, gloo; {args.epochs} epochs):")
+    print(f"  fixed cost of capsule run (trivial job): {tc - tb:+.2f} s")
+    print(f"  training: bare {mb:.2f} s, capsule {mc:.2f} s, overhead {100 * (mc - mb) / mb:+.1f} %")
+    print(f"  fixed cost as a share of the bare training time: {100 * (tc - tb) / mb:+.1f} %")
     shutil.rmtree(work, ignore_errors=True)
 
 

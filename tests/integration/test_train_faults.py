@@ -53,9 +53,11 @@ def test_kill9_rank_restarts_and_resumes_from_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_checkpoint_and_next_run_resumes(tmp_path):
-    project = example_copy(tmp_path, epochs=60)
+    # 150 epochs (about 20 s on a quiet 2-core machine) so that `capsule jobs cancel`, itself a
+    # Python start-up, surely lands mid-training; the ranks handle SIGTERM from "started" on.
+    project = example_copy(tmp_path, epochs=150)
     job = _job_id(capsule(project, tmp_path, "run", "train", "--detach"))
-    wait_for(lambda: checkpoints(project), 120, "the first checkpoint")
+    wait_for(lambda: _events(project, "started"), 120, "training to start")
     assert capsule(project, tmp_path, "jobs", "cancel", job).returncode == 0
     wait_for(lambda: json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)["state"]
              in ("CANCELLED", "FAILED", "SUCCEEDED"), 90, "the job to stop")
@@ -121,3 +123,16 @@ def test_killed_launcher_leaves_no_rank_behind(tmp_path):
     st = json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)
     assert st["exit_code"] == 137, st
     wait_for(lambda: not [p for p in ranks if _running(p)], 10, "the orphaned ranks to be killed")
+
+
+def test_non_ddp_stage_is_retried(tmp_path):
+    flaky = "import pathlib, sys; p = pathlib.Path('tries'); n = int(p.read_text()) if p.exists() else 0; " \
+            "p.write_text(str(n + 1)); print('try', n + 1); sys.exit(0 if n >= 1 else 5)"
+    project = example_copy(tmp_path, extra_stages={
+        "flaky": {"run": f'python -c "{flaky}"', "retries": 2},
+        "hopeless": {"run": 'python -c "import sys; sys.exit(6)"', "retries": 1}})
+    r = capsule(project, tmp_path, "run", "flaky")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (project / "tries").read_text() == "2" and "retry 1/2" in r.stdout
+    r = capsule(project, tmp_path, "run", "hopeless")
+    assert r.returncode == 6 and r.stdout.count("retry") == 1, r.stdout + r.stderr

@@ -143,3 +143,15 @@ def test_metrics_jsonl_rank0_only(tmp_path):
     assert rows[0]["event"] == "started" and rows[1]["loss"] == 0.5 and rows[1]["step"] == 10
     assert not (tmp_path / "other.jsonl").exists()
     json.dumps(rows)
+
+
+def test_public_api_is_pinned():
+    import torchcapsule.train as t
+
+    assert sorted(t.__all__) == sorted([
+        "Checkpointer", "DistInfo", "MetricsLogger", "PREEMPTED_EXIT_CODE", "Precision", "Preemption",
+        "barrier", "cleanup", "default_checkpoint_dir", "init_distributed", "mixed_precision",
+        "read_metrics", "seed_everything", "unwrap"])
+    from torchcapsule.launch.torchrun import PREEMPTED_EXIT_CODE as launch_code
+
+    assert t.PREEMPTED_EXIT_CODE == launch_code == 75  # the runtime and the launcher agree
