@@ -36,12 +36,6 @@ def stage_argv(spec: JobSpec, *, nnodes: int = 1, rdzv: Rendezvous | None = None
     cmd = list(spec.command)
     if spec.distributed != "ddp":
         return [python, *cmd] if cmd[0].endswith(".py") else cmd
-    if cmd[0] in PYTHONS or cmd[0].endswith("/python") or cmd[0].endswith("/python3"):
-        target = cmd[1:]  # torchrun is itself the Python launcher ("-m mod" passes through)
-    elif cmd[0].endswith(".py"):
-        target = cmd
-    else:
-        target = ["--no-python", *cmd]
     argv = [torchrun, f"--nproc-per-node={nproc_per_node(spec)}", f"--nnodes={nnodes}"]
     if rdzv is None:
         argv.append("--standalone")  # one node: torchrun picks a free local port itself
@@ -50,7 +44,17 @@ def stage_argv(spec: JobSpec, *, nnodes: int = 1, rdzv: Rendezvous | None = None
     if spec.retries:
         # Restart the ranks from their last checkpoint on failure, inside the same allocation.
         argv.append(f"--max-restarts={spec.retries}")
-    return argv + target
+    return argv + torchrun_target(spec)
+
+
+def torchrun_target(spec: JobSpec) -> list[str]:
+    """What follows torchrun's own options: a script, `-m module`, or --no-python and a program."""
+    cmd = list(spec.command)
+    if cmd[0] in PYTHONS or cmd[0].endswith("/python") or cmd[0].endswith("/python3"):
+        return cmd[1:]  # torchrun is itself the Python launcher ("-m mod" passes through)
+    if cmd[0].endswith(".py"):
+        return cmd
+    return ["--no-python", *cmd]
 
 
 def shell_join(argv: list[str]) -> str:
