@@ -1,72 +1,51 @@
-"""The process a stage runs as, inside whatever the backend provides (pure).
+"""The process a stage runs as inside what a backend provides (pure); shared by docker,
+slurm and kubernetes on top of launch/torchrun.py (the torchrun argv/env contract).
 
-A `distributed: ddp` stage runs under torchrun (one launcher per node, N ranks per node);
-any other stage runs its command as written. Backends only choose the rendezvous.
+A `distributed: ddp` stage runs under torchrun (one launcher per node); any other stage runs
+its command as written (`train.py ...` gets the interpreter in front).
 """
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from typing import Sequence
 
 from .api import JobSpec
+from .torchrun import entrypoint, failed_rank, nproc_per_node, shell_exit_code, torchrun_command
 
-PYTHONS = ("python", "python3")
-DEFAULT_PORT = 29500
+RDZV_PORT = 29500  # Kubernetes only: the headless Service needs a port known in advance
+LOCAL_RDZV = "localhost:0"  # one node: c10d binds a free port itself (what --standalone does)
 
 
-def nproc_per_node(spec: JobSpec) -> int:
-    """Ranks per node: one per GPU; on CPU one per requested CPU (the example's 2 ranks)."""
+def nproc(spec: JobSpec) -> int:
+    """Ranks per node; the GPU count was checked against the target before (or is the cluster's)."""
+    return nproc_per_node(spec, gpus_visible=spec.gpus.count) if spec.distributed == "ddp" else 1
+
+
+def stage_argv(spec: JobSpec, *, rdzv_endpoint: str = LOCAL_RDZV, rdzv_id: str | None = None,
+               launcher: Sequence[str] = ("torchrun",), python: str = "python") -> list[str]:
     if spec.distributed != "ddp":
-        return 1
-    if spec.gpus.count:
-        return spec.gpus.count
-    return max(1, spec.cpus or 1)
-
-
-@dataclass(frozen=True)
-class Rendezvous:
-    """Where the ranks of a multi-node job meet. `endpoint` may be a shell expression."""
-
-    endpoint: str  # "HOST:PORT", e.g. "$head:$port" in an sbatch script
-    job_id: str
-
-
-def stage_argv(spec: JobSpec, *, nnodes: int = 1, rdzv: Rendezvous | None = None,
-               python: str = "python", torchrun: str = "torchrun") -> list[str]:
-    cmd = list(spec.command)
-    if spec.distributed != "ddp":
+        cmd = list(spec.command)
         return [python, *cmd] if cmd[0].endswith(".py") else cmd
-    argv = [torchrun, f"--nproc-per-node={nproc_per_node(spec)}", f"--nnodes={nnodes}"]
-    if rdzv is None:
-        argv.append("--standalone")  # one node: torchrun picks a free local port itself
-    else:
-        argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv.endpoint}", f"--rdzv-id={rdzv.job_id}"]
-    if spec.retries:
-        # Restart the ranks from their last checkpoint on failure, inside the same allocation.
-        argv.append(f"--max-restarts={spec.retries}")
-    return argv + torchrun_target(spec)
+    return torchrun_command(spec, nproc_per_node=nproc(spec), rdzv_endpoint=rdzv_endpoint,
+                            rdzv_id=rdzv_id, launcher=launcher)
 
 
-def torchrun_target(spec: JobSpec) -> list[str]:
-    """What follows torchrun's own options: a script, `-m module`, or --no-python and a program."""
-    cmd = list(spec.command)
-    if cmd[0] in PYTHONS or cmd[0].endswith("/python") or cmd[0].endswith("/python3"):
-        return cmd[1:]  # torchrun is itself the Python launcher ("-m mod" passes through)
-    if cmd[0].endswith(".py"):
-        return cmd
-    return ["--no-python", *cmd]
+def kubeflow_argv(spec: JobSpec) -> list[str]:
+    """Under the Kubeflow operator, which sets PET_NNODES/PET_NODE_RANK/PET_MASTER_* itself."""
+    return ["torchrun", "--nproc_per_node", str(nproc(spec)), "--role", "rank", "--tee", "3",
+            *entrypoint(spec.command, stage=spec.stage)]
 
 
-def shell_join(argv: list[str]) -> str:
+def shell_join(argv: Sequence[str]) -> str:
     """shlex.join, except that words holding "$" stay expandable (double-quoted)."""
     return " ".join(f'"{a}"' if "$" in a else shlex.quote(a) for a in argv)
 
 
-def container_env(spec: JobSpec, mounts: dict[str, str]) -> dict[str, str]:
-    """Env every stage gets: where its volumes are, as seen by the process."""
-    return {
-        "CAPSULE_PROJECT": spec.project,
-        "CAPSULE_STAGE": spec.stage,
-        **{f"CAPSULE_{k.upper()}_DIR": v for k, v in mounts.items()},
-        **spec.env,
-    }
+def explain_failure(code: int | None, log: str) -> tuple[int | None, str | None]:
+    """torchrun reduces a rank's exit code to 1: recover the rank's own code from its summary."""
+    found = failed_rank(log) if log else None
+    if found is None:
+        return code, None
+    rank, rank_code = found
+    real = shell_exit_code(rank_code)
+    return real, f"rank {rank} exited with {real}"

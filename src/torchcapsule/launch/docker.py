@@ -17,8 +17,9 @@ from typing import Iterator
 from ..config import DockerTarget, GpuRequest, Project
 from ..errors import BackendError, JobNotFound
 from . import _proc
-from ._command import container_env, stage_argv
+from ._command import explain_failure, nproc, stage_argv
 from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus
+from .torchrun import stage_env
 
 LABEL = "torchcapsule.job"
 
@@ -91,7 +92,9 @@ def render_argv(spec: JobSpec, target: DockerTarget, name: str, uid: int, gid: i
         argv += ["--volume", f"{spec.workdir}:{spec.workdir}"]
         workdir = str(spec.workdir)
     argv += ["--workdir", workdir]
-    env = {"HOME": "/tmp", **container_env(spec, {k: CONTAINER_MOUNTS[k] for k in spec.volumes})}
+    mounts = {k: CONTAINER_MOUNTS[k] for k in spec.volumes}
+    # HOME: the host UID has no home in the image; caches (torch, pip) need a writable one.
+    env = {"HOME": "/tmp", **stage_env(spec, mounts=mounts, nproc=nproc(spec), cpu_count=spec.cpus)}
     for k, v in env.items():
         argv += ["--env", f"{k}={v}"]
     argv += list(target.extra_args)
@@ -202,8 +205,11 @@ class DockerBackend(Backend):
         name = info["Name"].lstrip("/")
         st = info["State"]
         state, code, reason = state_of(st, (_cancel_dir() / name).exists())
-        if state is JobState.FAILED and not reason:
-            reason = self._log_tail(name)
+        if state is JobState.FAILED:
+            log = self._log_tail(name, 80) or ""
+            code, why = explain_failure(code, log)
+            tail = "\n".join(log.splitlines()[-20:])
+            reason = "; ".join(x for x in (reason, why) if x) + (f"\n{tail}" if tail else "")
         return JobStatus(self.job_id(name), state, code, reason,
                          name=info["Config"]["Labels"].get(LABEL, name),
                          started_at=_ts(st.get("StartedAt")), finished_at=_ts(st.get("FinishedAt")))

@@ -17,8 +17,9 @@ from typing import Any, Iterator
 
 from ..config import GpuRequest, KubernetesTarget, Project
 from ..errors import BackendError, JobNotFound
-from ._command import DEFAULT_PORT, Rendezvous, container_env, nproc_per_node, stage_argv, torchrun_target
+from ._command import RDZV_PORT, kubeflow_argv, nproc, stage_argv
 from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus
+from .torchrun import stage_env
 
 GROUP = "torchcapsule.io"
 JOB_LABEL = f"{GROUP}/job"
@@ -140,7 +141,7 @@ def pod_spec(spec: JobSpec, target: KubernetesTarget, argv: list[str], user: Pod
     for vol, claim in target.pvc.items():
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": vol, "mountPath": CONTAINER_MOUNTS[vol]})
-    env = container_env(spec, dict(CONTAINER_MOUNTS))
+    env = stage_env(spec, mounts=dict(CONTAINER_MOUNTS), nproc=nproc(spec), cpu_count=spec.cpus or 1)
     main: dict[str, Any] = {
         "name": container,
         "image": spec.image,
@@ -152,7 +153,7 @@ def pod_spec(spec: JobSpec, target: KubernetesTarget, argv: list[str], user: Pod
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     if spec.distributed == "ddp" and spec.nodes > 1:
-        main["ports"] = [{"name": "rdzv", "containerPort": DEFAULT_PORT}]
+        main["ports"] = [{"name": "rdzv", "containerPort": RDZV_PORT}]
     pod: dict[str, Any] = {
         "restartPolicy": restart,
         "securityContext": {
@@ -191,8 +192,9 @@ def manifests(spec: JobSpec, target: KubernetesTarget, name: str, user: PodUser 
     if target.operator == "kubeflow" and spec.distributed == "ddp":
         return [_pytorchjob(spec, target, name, meta, labels, user)]
     multi = spec.nodes > 1
-    rdzv = Rendezvous(f"{name}-0.{name}:{DEFAULT_PORT}", name) if multi and spec.distributed == "ddp" else None
-    argv = stage_argv(spec, nnodes=spec.nodes, rdzv=rdzv)
+    # Several nodes: rank 0's pod (stable DNS name via the headless Service) hosts the rendezvous.
+    endpoint = f"{name}-0.{name}:{RDZV_PORT}" if multi else "localhost:0"
+    argv = stage_argv(spec, rdzv_endpoint=endpoint, rdzv_id=name)
     pod = pod_spec(spec, target, argv, user)
     job_spec: dict[str, Any] = {
         # ddp stages retry inside torchrun; others let the Job recreate the pod.
@@ -213,7 +215,7 @@ def manifests(spec: JobSpec, target: KubernetesTarget, name: str, user: PodUser 
         docs.append({
             "apiVersion": "v1", "kind": "Service", "metadata": meta,
             "spec": {"clusterIP": "None", "selector": {JOB_LABEL: name}, "publishNotReadyAddresses": True,
-                     "ports": [{"name": "rdzv", "port": DEFAULT_PORT, "targetPort": DEFAULT_PORT}]},
+                     "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}]},
         })
     docs.insert(0, {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec})
     return docs
@@ -221,8 +223,7 @@ def manifests(spec: JobSpec, target: KubernetesTarget, name: str, user: PodUser 
 
 def _pytorchjob(spec: JobSpec, target: KubernetesTarget, name: str, meta: dict, labels: dict,
                 user: PodUser) -> dict[str, Any]:
-    # The operator sets PET_NNODES/PET_NODE_RANK/PET_MASTER_ADDR for torchrun itself.
-    argv = ["torchrun", f"--nproc-per-node={nproc_per_node(spec)}", *torchrun_target(spec)]
+    argv = kubeflow_argv(spec)
     pod = pod_spec(spec, target, argv, user, container="pytorch", restart="OnFailure")
     replica = {"replicas": 1, "restartPolicy": "OnFailure",
                "template": {"metadata": {"labels": labels}, "spec": pod}}
@@ -230,7 +231,7 @@ def _pytorchjob(spec: JobSpec, target: KubernetesTarget, name: str, meta: dict, 
     if spec.nodes > 1:
         replicas["Worker"] = {**replica, "replicas": spec.nodes - 1}
     return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": meta,
-            "spec": {"nprocPerNode": str(nproc_per_node(spec)),
+            "spec": {"nprocPerNode": str(nproc(spec)),
                      "runPolicy": {"backoffLimit": spec.retries, "cleanPodPolicy": "None"},
                      "pytorchReplicaSpecs": replicas}}
 

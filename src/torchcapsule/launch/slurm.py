@@ -19,8 +19,9 @@ from typing import Iterator
 from ..config import GpuRequest, Project, SlurmTarget
 from ..errors import BackendError, JobNotFound
 from . import _proc
-from ._command import Rendezvous, container_env, shell_join, stage_argv
+from ._command import explain_failure, nproc, shell_join, stage_argv
 from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus
+from .torchrun import stage_env
 
 COMMENT = "torchcapsule"
 
@@ -50,7 +51,7 @@ SLURM_STATES: dict[str, JobState] = {
     "TIMEOUT": JobState.FAILED,
 }
 
-# Seconds before the time limit at which Slurm sends SIGTERM, so the checkpointer saves in time.
+# Seconds before the time limit at which the batch shell is told to requeue (checkpoint first).
 SIGNAL_LEAD_S = 120
 
 
@@ -113,30 +114,30 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
         d.append(f"--mem={_mem_directive(spec.memory_bytes)}")
     time_limit = spec.time_limit or target.time
     if time_limit:
-        d += [f"--time={time_limit}", f"--signal=TERM@{SIGNAL_LEAD_S}"]
+        d += [f"--time={time_limit}", f"--signal=B:USR1@{SIGNAL_LEAD_S}"]
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(target, key):
             d.append(f"--{key}={getattr(target, key)}")
     d += [f"--output={out}", "--open-mode=append", f"--chdir={spec.workdir}", "--requeue"]
     d += list(target.extra_directives)
 
-    # Always an explicit rendezvous (even on one node), so one code path serves 1 and N nodes.
-    rdzv = Rendezvous(endpoint="$head_node:$port", job_id="$SLURM_JOB_ID")
     lines = ["#!/bin/bash", *(f"#SBATCH {x}" for x in d), "set -euo pipefail"]
     c = target.container
+    n = nproc(spec)
     if c is None:
-        # The project's own environment: its bin dir holds python and torchrun.
-        lines.append(f'export PATH={Path(python).parent}:"$PATH"')
-        env = container_env(spec, {k: str(v) for k, v in spec.volumes.items()})
-        host_python = python
+        # The project's own environment: its bin dir holds python, torchrun and the project's tools.
+        lines.append(f'export PATH={shlex.quote(str(Path(python).parent))}:"$PATH"')
+        env = stage_env(spec, nproc=n, cpu_count=spec.cpus)
+        host_python, launcher = python, (python, "-m", "torch.distributed.run")
     else:
-        env = container_env(spec, {k: CONTAINER_MOUNTS[k] for k in spec.volumes})
-        host_python = "python3"  # the project's interpreter lives in the image, not on the node
+        env = stage_env(spec, mounts={k: CONTAINER_MOUNTS[k] for k in spec.volumes}, nproc=n, cpu_count=spec.cpus)
+        host_python, launcher = "python3", ("torchrun",)  # the project's interpreter is in the image
     for k, v in env.items():
         lines.append(f"export {k}={shlex.quote(v)}")
     if spec.distributed == "ddp":
         lines += [
-            # Rendezvous on the allocation's first node (where this script runs), on a free port.
+            # Rendezvous on the allocation's first node (where this script runs), on a free port;
+            # the same path serves one node and many.
             'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             "port=$(" + shlex.quote(host_python)
             + " -c 'import socket; s=socket.socket(); s.bind((\"\", 0)); print(s.getsockname()[1])')",
@@ -144,7 +145,8 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
     lines.append('echo "torchcapsule: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST '
                  '(restart ${SLURM_RESTART_COUNT:-0})"')
     srun = ["srun", "--kill-on-bad-exit=1"]
-    inner = stage_argv(spec, nnodes=spec.nodes, rdzv=rdzv)
+    inner = stage_argv(spec, rdzv_endpoint="$head_node:$port", rdzv_id="$SLURM_JOB_ID",
+                       launcher=launcher, python=host_python if c is None else "python")
     if c is not None:
         image = c.image or spec.image
         mounts = ",".join(f"{h}:{CONTAINER_MOUNTS[k]}" for k, h in spec.volumes.items())
@@ -155,8 +157,22 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
         else:  # apptainer
             srun += ["apptainer", "exec", *(["--nv"] if spec.gpus.count else []),
                      "--bind", mounts, "--pwd", workdir, image]
-    # exec: the job's exit code is srun's, which is the worst exit code of its tasks.
-    lines.append("exec " + shell_join(srun + inner))
+    step = shell_join(srun + inner)
+    if time_limit:
+        lines += [
+            # USR1 comes SIGNAL_LEAD_S before the time limit: requeue; Slurm then SIGTERMs the
+            # ranks (they save a checkpoint) and the job restarts later from that checkpoint.
+            "trap 'echo \"torchcapsule: time limit near: requeueing from the last checkpoint\"; "
+            "scontrol requeue \"$SLURM_JOB_ID\"' USR1",
+            f"{step} &",
+            "step_pid=$!",
+            # `wait` returns early when a trap runs: wait again until srun itself has ended.
+            'while true; do wait "$step_pid" && rc=0 || rc=$?; kill -0 "$step_pid" 2>/dev/null || break; done',
+            'exit "$rc"',
+        ]
+    else:
+        # exec: the job's exit code is srun's, the worst exit code of its tasks.
+        lines.append("exec " + step)
     return "\n".join(lines) + "\n"
 
 
@@ -194,8 +210,10 @@ def status_of(rec: dict[str, str], job_id: str, log_tail: str = "") -> JobStatus
     if state is JobState.FAILED:
         if code == 0:
             code = None  # failed without an exit status (node failure, timeout): do not read 0
-        bits = [f"Slurm state {raw}", reason or ""]
-        reason = "; ".join(b for b in bits if b) + (f"\n{log_tail}" if log_tail else "")
+        code, why = explain_failure(code, log_tail)
+        bits = [f"Slurm state {raw}", reason or "", why or ""]
+        tail = "\n".join(log_tail.splitlines()[-20:])
+        reason = "; ".join(b for b in bits if b) + (f"\n{tail}" if tail else "")
     return JobStatus(job_id, state, code, reason, name=rec.get("JobName"),
                      started_at=_ts(rec.get("StartTime")), finished_at=_ts(rec.get("EndTime")))
 
@@ -286,7 +304,7 @@ class SlurmBackend(Backend):
         rec = self._record(native)
         tail = ""
         if SLURM_STATES.get(rec.get("JobState", "")) is JobState.FAILED and rec.get("StdOut"):
-            tail = _proc.tail(Path(rec["StdOut"]))
+            tail = _proc.tail(Path(rec["StdOut"]), 80)
         return status_of(rec, self.job_id(native), tail)
 
     def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]:
