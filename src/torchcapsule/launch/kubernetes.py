@@ -414,6 +414,9 @@ class KubernetesBackend(Backend):
             transport = type(e).__module__.startswith(("urllib3", "kubernetes")) or isinstance(e, OSError)
             if status is None and not transport:
                 raise  # a bug, not the cluster: keep the traceback
+            if status == 404 and what.startswith("creating"):
+                raise BackendError(f"{what}: {_api_message(e)}; create the namespace (kubectl create "
+                                   "namespace NAME) or set targets.kubernetes.namespace") from None
             if status == 404:
                 raise JobNotFound(f"{what}: not found ({_api_message(e)}); check the namespace "
                                   f"(targets.kubernetes.namespace) and `capsule jobs list`") from None
