@@ -50,6 +50,7 @@ def accuracy(model, x, y, device) -> float:
 def main(argv=None) -> None:
     args = parse_args(argv)
     info = init_distributed()
+    print(f"rank {info.rank}/{info.world_size} ready on {info.device} (pid {os.getpid()})", flush=True)
     seed_everything(args.seed)
     train_set, test_set = data.datasets(args.seed)
     x_test, y_test = test_set.tensors

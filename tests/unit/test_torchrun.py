@@ -82,6 +82,8 @@ def test_env_volumes_threads_and_stage_env_wins():
     assert env["CAPSULE_PROJECT"] == "digits" and env["CAPSULE_STAGE"] == "train"
     assert env["CAPSULE_MODELS_DIR"] == "/p/models" and env["CAPSULE_LOGS_DIR"] == "/p/logs"
     assert env["FOO"] == "1" and env["OMP_NUM_THREADS"] == "7"
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # restarts need a fresh store
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in stage_env(spec(distributed="none"), nproc=1, cpu_count=2)
     assert stage_env(spec(cpus=None), nproc=4, cpu_count=16)["OMP_NUM_THREADS"] == "4"
     assert stage_env(spec(cpus=2), nproc=2, cpu_count=16)["OMP_NUM_THREADS"] == "1"
     mounted = capsule_env(spec(), mounts={"models": "/models", "logs": "/logs", "data": "/data"})

@@ -147,6 +147,11 @@ def stage_env(
     env["MKL_NUM_THREADS"] = threads
     # Unbuffered output: ranks' lines reach the log as they are printed, not at exit.
     env["PYTHONUNBUFFERED"] = "1"
+    if spec.distributed == "ddp":
+        # torchrun shares its rendezvous TCPStore with the ranks by default; after a restart the
+        # new ranks then read the previous attempt's gloo/NCCL addresses and fail to connect
+        # (pytorch/pytorch#135712, seen here with torch 2.13 + gloo). A store per attempt fixes it.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     env.update(spec.env)
     return env
 

@@ -45,9 +45,14 @@ class Preemption:
 
     def exit(self, code: int = PREEMPTED_EXIT_CODE) -> None:
         """Leave the process group and exit with the preemption code (after the checkpoint)."""
+        import os
+
         from .dist import cleanup
 
         cleanup()
+        # A fixed line the local backend recognises (torchrun itself exits 1 when signalled).
+        print(f"torchcapsule: preempted by signal {self.signum or 0} on rank {os.environ.get('RANK', '0')}; "
+              f"exiting {code} (rerun to resume from the checkpoint)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         sys.stderr.flush()
         raise SystemExit(code)
