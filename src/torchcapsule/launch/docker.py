@@ -65,7 +65,9 @@ def gpu_problem(req: GpuRequest, names: list[str] | None) -> str | None:
 
 def render_argv(spec: JobSpec, target: DockerTarget, name: str, uid: int, gid: int) -> list[str]:
     """The `docker run` argv for a stage (pure)."""
-    argv = ["docker", "run", "--detach", "--name", name, "--init"]
+    # The stage runs as itself: not through the image's interactive entrypoint (which starts
+    # Jupyter/sshd and drops to the image's user); --init puts tini first to forward SIGTERM.
+    argv = ["docker", "run", "--detach", "--name", name, "--init", "--entrypoint="]
     for k, v in {**spec.labels, LABEL: spec.name}.items():
         argv += ["--label", f"{k}={v}"]
     if target.network:
@@ -75,7 +77,7 @@ def render_argv(spec: JobSpec, target: DockerTarget, name: str, uid: int, gid: i
         argv.append("--ipc=host")
     elif spec.shm_bytes:
         argv.append(f"--shm-size={spec.shm_bytes}")
-    # Files written to the volumes belong to the host user, not root or the image's user.
+    # Files written to the volumes belong to the host user (not root, not the image's user).
     argv += ["--user", f"{uid}:{gid}"]
     if spec.gpus.count:
         argv += ["--gpus", str(spec.gpus.count)]

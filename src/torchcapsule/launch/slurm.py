@@ -41,6 +41,7 @@ SLURM_STATES: dict[str, JobState] = {
     "REQUEUE_FED": JobState.PENDING,
     "REQUEUE_HOLD": JobState.PENDING,
     "RESIZING": JobState.RUNNING,
+    "RESV_DEL_HOLD": JobState.PENDING,  # held because its reservation was deleted
     "REVOKED": JobState.CANCELLED,
     "RUNNING": JobState.RUNNING,
     "SIGNALING": JobState.RUNNING,
