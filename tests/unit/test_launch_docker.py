@@ -30,6 +30,7 @@ def test_train_argv_runs_two_ranks_as_host_user_with_volumes(project):
     assert _opt(opts, "--name") == ["digits-train-x"]
     assert _opt(opts, "--user") == ["1234:567"]
     assert "--ipc=host" in opts and not any(a.startswith("--shm-size") for a in opts)
+    assert "--hostname=localhost" in opts  # torchrun must resolve its own hostname without DNS
     assert "--gpus" not in opts  # no GPU asked: the flag would fail without the NVIDIA runtime
     vols = dict(v.rsplit(":", 1) for v in _opt(opts, "--volume"))
     assert vols == {str(project.volume_path(k)): f"/{'workspace' if k == 'workspace' else k}"
@@ -48,6 +49,7 @@ def test_shm_size_gpus_and_restart_policy(project, monkeypatch):
     argv = render_argv(spec, DockerTarget(ipc_host=False, network="host"), "n", 1000, 1000)
     assert f"--shm-size={2**30}" in argv and "--ipc=host" not in argv
     assert _opt(argv, "--gpus") == ["2"] and "--network=host" in argv
+    assert "--hostname=localhost" not in argv  # the host's own name resolves
     from dataclasses import replace
 
     plain = replace(job_spec(project, "test"), retries=2)

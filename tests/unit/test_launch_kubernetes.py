@@ -238,8 +238,8 @@ def test_submit_creates_job_then_status_logs_cancel(backend, project):
     backend.apis.batch.jobs[(ns, name)]["status"] = {"active": 1, "ready": 1}
     assert backend.status(job_id).state is JobState.RUNNING
     assert ("list_namespaced_pod", {"label_selector": f"{JOB_LABEL}={name}"}) in backend.apis.core.calls
-    assert "".join(backend.logs(job_id)) == "[rank0]:epoch 1/30\n[rank0]:epoch 2/30\n"
-    assert list(backend.logs(job_id, follow=True)) == ["[rank0]:epoch 1/30\n", "[rank0]:epoch 2/30\n"]
+    assert list(backend.logs(job_id)) == ["[rank0]:epoch 1/30", "[rank0]:epoch 2/30"]
+    assert list(backend.logs(job_id, follow=True)) == ["[rank0]:epoch 1/30", "[rank0]:epoch 2/30"]
     backend.cancel(job_id)
     patch = [a for c, a in backend.apis.batch.calls if c == "patch_namespaced_job"][0]
     assert patch["body"] == {"metadata": {"annotations": {CANCELLED: "true"}}, "spec": {"suspend": True}}

@@ -45,11 +45,12 @@ def first_line(text: str) -> str:
 
 
 def stream(argv: Sequence[str]) -> Iterator[str]:
-    """Yield a command's stdout+stderr line by line while it runs (e.g. `docker logs -f`)."""
+    """Yield a command's stdout+stderr lines (without newline) while it runs (`docker logs -f`)."""
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
-        yield from proc.stdout
+        for line in proc.stdout:
+            yield line.rstrip("\n")
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -70,7 +71,7 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def follow_file(path: Path, done, poll_s: float = 0.5) -> Iterator[str]:
-    """Yield lines of a growing file until `done()` is true and the file is drained."""
+    """Yield lines (without newline) of a growing file until `done()` is true and it is drained."""
     import time
 
     pos = 0
@@ -86,8 +87,7 @@ def follow_file(path: Path, done, poll_s: float = 0.5) -> Iterator[str]:
             chunk = ""
         buf += chunk
         *complete, buf = buf.split("\n")
-        for line in complete:
-            yield line + "\n"
+        yield from complete
         if finished and not chunk:
             if buf:
                 yield buf

@@ -72,6 +72,10 @@ def render_argv(spec: JobSpec, target: DockerTarget, name: str, uid: int, gid: i
         argv += ["--label", f"{k}={v}"]
     if target.network:
         argv.append(f"--network={target.network}")
+    if target.network != "host":
+        # torchrun's rendezvous looks up the machine's own hostname; a container's id-hostname
+        # does not resolve without a DNS-providing network (c10d then waits out its timeout).
+        argv.append("--hostname=localhost")
     # NCCL/gloo and DataLoader workers share tensors through /dev/shm; Docker's default is 64 MB.
     if target.ipc_host:
         argv.append("--ipc=host")
@@ -145,9 +149,12 @@ class DockerBackend(Backend):
     name = "docker"
 
     def __init__(self, project: Project | None = None, target: DockerTarget | None = None,
-                 docker: str = "docker") -> None:
+                 docker: str = "docker", uid: int | None = None, gid: int | None = None) -> None:
         self.target = target or (project.targets.docker if project else DockerTarget())
         self.docker = docker
+        # Whose files the job writes: the user running capsule, unless told otherwise.
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
 
     # -- effects -------------------------------------------------------------------------------
     def _docker(self, *args: str, timeout: float = 60):
@@ -172,7 +179,7 @@ class DockerBackend(Backend):
         if spec.nodes != 1:
             raise BackendError(f"--nodes {spec.nodes}: the docker backend runs on this one machine; "
                                "use --nodes 1 or --on slurm/kubernetes")
-        argv = render_argv(spec, self.target, container_name(spec), os.getuid(), os.getgid())
+        argv = render_argv(spec, self.target, container_name(spec), self.uid, self.gid)
         return DryRun(self.name, spec, shlex.join(argv), argv)
 
     def schedule(self, dryrun: DryRun) -> str:
@@ -184,7 +191,10 @@ class DockerBackend(Backend):
             raise BackendError(f"image '{spec.image}' is not in the local Docker engine; "
                                "build it with `capsule image build`")
         for host in spec.volumes.values():  # else dockerd creates them, owned by root
-            host.mkdir(parents=True, exist_ok=True)
+            if not host.exists():
+                host.mkdir(parents=True)
+                if os.geteuid() == 0 and (self.uid, self.gid) != (0, 0):
+                    os.chown(host, self.uid, self.gid)  # the job's user must be able to write there
         r = _proc.run(argv, timeout=120)
         if r.returncode != 0:
             raise BackendError(f"docker run refused the job: {_proc.first_line(r.stderr)}")
@@ -198,10 +208,12 @@ class DockerBackend(Backend):
 
     def _inspect(self, names: list[str]) -> list[dict]:
         r = self._docker("inspect", *names)
-        if r.returncode != 0 and not r.stdout.strip().startswith("["):
+        # A missing container: exit 1 with "[]" on stdout (the others, if any, still listed).
+        found = json.loads(r.stdout) if r.stdout.strip().startswith("[") else []
+        if not found:
             raise JobNotFound(f"no container {names[0]} in the local Docker engine; "
                               "see `capsule jobs list` for job ids")
-        return json.loads(r.stdout or "[]")
+        return found
 
     def _status(self, info: dict) -> JobStatus:
         name = info["Name"].lstrip("/")

@@ -510,7 +510,7 @@ class KubernetesBackend(Backend):
         what = f"reading the log of pod {ns}/{pod_name}"
         if not follow:
             text = self._call(what, self.apis.core.read_namespaced_pod_log, name=pod_name, namespace=ns)
-            yield from text.splitlines(keepends=True)
+            yield from text.splitlines()
             return
         resp = self._call(what, self.apis.core.read_namespaced_pod_log, name=pod_name, namespace=ns,
                           follow=True, _preload_content=False)
@@ -519,7 +519,7 @@ class KubernetesBackend(Backend):
             buf += chunk
             *done, buf = buf.split(b"\n")
             for line in done:
-                yield line.decode("utf-8", "replace") + "\n"
+                yield line.decode("utf-8", "replace")
         if buf:
             yield buf.decode("utf-8", "replace")
 

@@ -318,7 +318,8 @@ class SlurmBackend(Backend):
             if not path.exists():
                 return  # pending: nothing written yet
             with open(path, encoding="utf-8", errors="replace") as f:
-                yield from f
+                for line in f:
+                    yield line.rstrip("\n")
             return
         yield from _proc.follow_file(path, lambda: self.status(job_id).state.terminal)
 
