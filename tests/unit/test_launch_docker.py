@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import EXAMPLE
 from torchcapsule.config import DockerTarget, GpuRequest, load_project, parse_gpus
-from torchcapsule.errors import BackendError, JobNotFound
+from torchcapsule.errors import BackendError
 from torchcapsule.launch import get_backend
 from torchcapsule.launch.api import JobState
 from torchcapsule.launch.docker import DOCKER_STATES, DockerBackend, gpu_problem, render_argv, state_of
@@ -89,8 +89,9 @@ def test_state_table_covers_dockers_states():
     ({"Status": "exited", "ExitCode": 0}, False, (JobState.SUCCEEDED, 0)),
     ({"Status": "exited", "ExitCode": 3}, False, (JobState.FAILED, 3)),
     ({"Status": "exited", "ExitCode": 143}, True, (JobState.CANCELLED, 143)),
-    ({"Status": "exited", "ExitCode": 0, "OOMKilled": True}, False, (JobState.FAILED, 0)),
-    ({"Status": "dead", "ExitCode": 0}, False, (JobState.FAILED, 0)),
+    ({"Status": "exited", "ExitCode": 137, "OOMKilled": True}, False, (JobState.FAILED, 137)),
+    ({"Status": "exited", "ExitCode": 0, "OOMKilled": True}, False, (JobState.FAILED, None)),
+    ({"Status": "dead", "ExitCode": 0}, False, (JobState.FAILED, None)),
 ])
 def test_state_of(st, cancelled, expect):
     state, code, reason = state_of(st, cancelled)

@@ -128,8 +128,9 @@ def state_of(st: dict, cancelled: bool) -> tuple[JobState, int | None, str | Non
         if cancelled:
             state = JobState.CANCELLED
             reason = "cancelled by `capsule jobs cancel`"
-        elif code != 0 or st.get("OOMKilled"):
+        elif code != 0 or st.get("OOMKilled") or status == "dead":
             state = JobState.FAILED
+            code = code or None  # failed without an exit status: never report 0
             if st.get("OOMKilled"):
                 reason = "killed by the kernel: out of memory (raise resources.memory)"
     return state, code, reason
