@@ -20,6 +20,14 @@ def _job_id(r) -> str:
     return r.stdout.strip()
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def _events(project, name):
     path = project / "logs" / "metrics-train.jsonl"
     return [m for m in read_metrics(path) if m.get("event") == name] if path.exists() else []
@@ -52,7 +60,10 @@ def test_sigterm_saves_checkpoint_and_next_run_resumes(tmp_path):
     wait_for(lambda: json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)["state"]
              in ("CANCELLED", "FAILED", "SUCCEEDED"), 90, "the job to stop")
     st = json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)
-    assert st["state"] == "CANCELLED" and st["exit_code"] == 75, st
+    log = capsule(project, tmp_path, "jobs", "logs", job).stdout
+    assert st["state"] == "CANCELLED" and st["exit_code"] == 75, f"{st}\n{log[-4000:]}"
+    for f in (project / "logs" / "pids").glob("rank-*.pid"):  # no rank outlives its job
+        assert not _running(int(f.read_text())), f.name
     preempted = _events(project, "preempted")
     assert len(preempted) == 1
     step = preempted[0]["step"]
@@ -91,3 +102,35 @@ def test_bad_input_is_one_line(tmp_path, args, code, needle, monkeypatch):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert not (project / "logs").exists()  # refused before anything was launched
+
+
+def test_killed_launcher_leaves_no_rank_behind(tmp_path):
+    project = example_copy(tmp_path, extra_stages={
+        "sleepy": {"run": "sleepy.py", "distributed": "ddp", "resources": {"cpus": 2}}})
+    (project / "sleepy.py").write_text(
+        "import time\nfrom torchcapsule.train import init_distributed\ninit_distributed()\ntime.sleep(120)\n")
+    job = _job_id(capsule(project, tmp_path, "run", "sleepy", "--detach"))
+    pids = project / "logs" / "pids"
+    wait_for(lambda: len(list(pids.glob("rank-*.pid"))) == 2, 120, "both ranks to start")
+    ranks = [int(f.read_text()) for f in pids.glob("rank-*.pid")]
+    state_file = tmp_path / "home" / "jobs" / job.partition(":")[2] / "state.json"
+    os.kill(json.loads(state_file.read_text())["pid"], signal.SIGKILL)  # torchrun itself
+
+    wait_for(lambda: json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)["state"]
+             == "FAILED", 60, "the job to fail")
+    st = json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)
+    assert st["exit_code"] == 137, st
+    wait_for(lambda: not [p for p in ranks if _running(p)], 10, "the orphaned ranks to be killed")
+
+
+def test_non_ddp_stage_is_retried(tmp_path):
+    flaky = "import pathlib, sys; p = pathlib.Path('tries'); n = int(p.read_text()) if p.exists() else 0; " \
+            "p.write_text(str(n + 1)); print('try', n + 1); sys.exit(0 if n >= 1 else 5)"
+    project = example_copy(tmp_path, extra_stages={
+        "flaky": {"run": f'python -c "{flaky}"', "retries": 2},
+        "hopeless": {"run": 'python -c "import sys; sys.exit(6)"', "retries": 1}})
+    r = capsule(project, tmp_path, "run", "flaky")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (project / "tries").read_text() == "2" and "retry 1/2" in r.stdout
+    r = capsule(project, tmp_path, "run", "hopeless")
+    assert r.returncode == 6 and r.stdout.count("retry") == 1, r.stdout + r.stderr

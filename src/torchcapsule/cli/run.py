@@ -5,6 +5,7 @@ except the default `--on local`.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -48,6 +49,10 @@ def _follow(backend, job_id: str, *, what: str) -> int:
         for line in backend.logs(job_id, follow=True):
             click.echo(line)
         st = backend.wait(job_id, poll_s=0.2)
+    except BrokenPipeError:  # `capsule run train | head`: the job goes on; see `capsule jobs logs`
+        sys.stderr.write(f"output closed; {job_id} keeps running (capsule jobs logs {job_id})\n")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except KeyboardInterrupt:
         click.echo(f"interrupted: cancelling {job_id} (ranks get SIGTERM and may save a checkpoint)", err=True)
         backend.cancel(job_id)

@@ -75,6 +75,7 @@ class LocalRequest:
     cwd: str
     log: str
     distributed: bool
+    retries: int = 0  # reruns of a failed non-ddp stage (ddp stages restart inside torchrun)
 
 
 def _python_argv(command: tuple[str, ...]) -> list[str]:
@@ -146,7 +147,7 @@ class LocalBackend(Backend):
             argv = _python_argv(spec.command)
         env = stage_env(spec, nproc=nproc, cpu_count=os.cpu_count())
         req = LocalRequest(native_id=native, name=spec.name, argv=argv, env=env, cwd=str(spec.workdir),
-                           log=str(log), distributed=spec.distributed == "ddp")
+                           log=str(log), distributed=spec.distributed == "ddp", retries=spec.retries)
         text = "\n".join([
             f"# local job {native}; output also in {log}",
             f"cd {shlex.quote(str(spec.workdir))}",
@@ -311,35 +312,66 @@ def supervise(job_dir: Path) -> int:
     env = {**os.environ, **job["env"]}
     started = time.time()
     log = open(job["log"], "a", encoding="utf-8", errors="replace", buffering=1)
-    try:
-        child = subprocess.Popen(job["argv"], cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 start_new_session=True)  # its own group: cancel signals all ranks
-    except OSError as e:
-        log.write(f"error: cannot start {job['argv'][0]}: {e}\n")
-        _write_json(job_dir / "state.json", {"state": "FAILED", "exit_code": 127, "reason": str(e),
-                                              "started_at": started, "finished_at": time.time()})
-        return 127
-    _write_json(job_dir / "state.json", {"state": "RUNNING", "pid": child.pid, "started_at": started})
-    cancelled = {"at": None}
+    cancelled: dict[str, float | None] = {"at": None}
+    current: dict[str, int | None] = {"pid": None}
 
     def on_term(signum, frame):
         if cancelled["at"] is None:
             cancelled["at"] = time.monotonic()
-            try:
-                os.killpg(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            if current["pid"] is not None:
+                try:
+                    os.killpg(current["pid"], signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    tail: deque[str] = deque(maxlen=400)
-    assert child.stdout is not None
+    # ddp stages retry inside torchrun (--max_restarts); other stages are rerun here on failure.
+    attempts = 1 if job["distributed"] else 1 + int(job.get("retries", 0))
+    for attempt in range(attempts):
+        if attempt:
+            log.write(f"[capsule] exit code {code}; retry {attempt}/{attempts - 1}\n")
+        rc, text, pid = _run_once(job, env, log, job_dir, started, cancelled, current)
+        if rc is None:  # could not start at all
+            return 127
+        state, code, reason = job_result(rc, text, distributed=job["distributed"],
+                                         cancelled=cancelled["at"] is not None or (job_dir / "cancel").exists())
+        if state is not JobState.FAILED:
+            break
+    if reason:
+        log.write(f"[capsule] {state.value}: {reason}\n")
+    log.close()
+    _write_json(job_dir / "state.json", {"state": state.value, "exit_code": code, "reason": reason,
+                                          "pid": pid, "started_at": started, "finished_at": time.time()})
+    return code
+
+
+def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelled: dict,
+              current: dict) -> tuple[int | None, str, int | None]:
+    """Start the command once, copy its output to the log; (returncode, output tail, pid)."""
     import threading
 
-    def escalate():  # SIGKILL the group if ranks ignore SIGTERM for too long
+    try:
+        child = subprocess.Popen(job["argv"], cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # its own group: cancel signals all of it
+    except OSError as e:
+        log.write(f"error: cannot start {job['argv'][0]}: {e}\n")
+        _write_json(job_dir / "state.json", {"state": "FAILED", "exit_code": 127, "reason": str(e),
+                                              "started_at": started, "finished_at": time.time()})
+        return None, "", None
+    current["pid"] = child.pid
+    _write_json(job_dir / "state.json", {"state": "RUNNING", "pid": child.pid, "started_at": started})
+    if cancelled["at"] is not None:  # cancelled between two attempts
+        os.killpg(child.pid, signal.SIGTERM)
+    tail: deque[str] = deque(maxlen=400)
+    seen: dict[int, int] = {}  # every process the job started (torchrun puts ranks in own sessions)
+
+    def watch():  # note the job's processes; SIGKILL them if they ignore SIGTERM for too long
         while child.poll() is None:
+            seen.update(_descendants(child.pid))
             if cancelled["at"] is not None and time.monotonic() - cancelled["at"] > CANCEL_GRACE_S:
+                _kill_seen(seen)
                 try:
                     os.killpg(child.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -347,27 +379,74 @@ def supervise(job_dir: Path) -> int:
                 return
             time.sleep(0.5)
 
-    threading.Thread(target=escalate, daemon=True).start()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert child.stdout is not None
     for raw in iter(child.stdout.readline, b""):
         line = raw.decode("utf-8", errors="replace")
         log.write(line)
         tail.append(line)
     rc = child.wait()
-    try:  # no rank outlives its job (e.g. a worker torchrun could not reap)
+    watcher.join(timeout=5)  # it ends with the child; then `seen` no longer changes
+    # If torchrun died first (killed, or signalled twice), its ranks may still be finishing a
+    # preemption checkpoint: give them the grace period, then make sure none outlives the job.
+    _wait_seen(seen, CANCEL_GRACE_S if cancelled["at"] is not None else 5.0)
+    _kill_seen(seen)
+    try:
         os.killpg(child.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     text = "".join(tail)
     if job["distributed"]:
         text += _rank_stderr_tails(Path(job["log"]).with_suffix(""))
-    state, code, reason = job_result(rc, text, distributed=job["distributed"],
-                                     cancelled=cancelled["at"] is not None or (job_dir / "cancel").exists())
-    if reason:
-        log.write(f"[capsule] {state.value}: {reason}\n")
-    log.close()
-    _write_json(job_dir / "state.json", {"state": state.value, "exit_code": code, "reason": reason,
-                                          "pid": child.pid, "started_at": started, "finished_at": time.time()})
-    return code
+    return rc, text, child.pid
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live process, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):  # finished, waiting to be reaped: not running
+            return None
+        return int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """pid -> start time of every process below pid (e.g. torchrun's ranks, in sessions of their own)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st is not None:
+                children.setdefault(st[0], []).append((int(entry.name), st[1]))
+    out: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        for c, start in children.get(todo.pop(), []):
+            out[c] = start
+            todo.append(c)
+    return out
+
+
+def _wait_seen(seen: dict[int, int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any((st := _proc_stat(pid)) is not None and st[1] == start for pid, start in seen.items()):
+            return
+        time.sleep(0.1)
+
+
+def _kill_seen(seen: dict[int, int]) -> None:
+    """SIGKILL the processes seen earlier that still run (same pid AND same start time: no reuse)."""
+    for pid, start in seen.items():
+        st = _proc_stat(pid)
+        if st is not None and st[1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _rank_stderr_tails(torchrun_log_dir: Path, nbytes: int = 4096) -> str:
