@@ -173,6 +173,23 @@ def _host_has_gpu() -> bool:
     return bool(exe) and subprocess.run([exe, "-L"], capture_output=True).returncode == 0
 
 
+def _host_ids(project, uid: int | None, gid: int | None) -> tuple[int | None, int | None]:
+    """Who should own files written to the volumes: --uid/--gid, else the caller, else (when the
+    caller is root, e.g. under sudo) the owner of the workspace directory; never root."""
+    if uid is None:
+        uid, gid_default = os.getuid(), os.getgid()
+        if uid == 0:
+            ws = project.volume_path("workspace")
+            st = ws.stat() if ws.exists() else None
+            uid, gid_default = (st.st_uid, st.st_gid) if st else (0, 0)
+    else:
+        gid_default = uid
+    gid = gid if gid is not None else gid_default
+    if uid == 0:
+        return None, None
+    return uid, gid
+
+
 @click.command()
 @file_option
 @click.option("--image", "image_ref", default=None, help="Image to run (default: the project's jupyter-ssh tag).")
@@ -185,7 +202,7 @@ def _host_has_gpu() -> bool:
 @click.option("--gpus/--no-gpus", default=None, help="Pass --gpus all (default: when this host has NVIDIA GPUs).")
 @click.option("--shm-size", default=None, help="Use --shm-size SIZE instead of --ipc=host.")
 @click.option("--network", default=None, help="Docker network (default: targets.docker.network; 'host' binds services directly).")
-@click.option("--uid", "uid", type=int, default=None, help="Host uid that owns files written to the volumes (default: yours).")
+@click.option("--uid", "uid", type=int, default=None, help="Host uid that owns files written to the volumes (default: yours; under root, the workspace's owner).")
 @click.option("--gid", "gid", type=int, default=None, help="Host gid (default: yours).")
 @click.option("--dry-run", is_flag=True, help="Print the exact docker run command and exit.")
 @json_option
@@ -220,7 +237,7 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         raise ConfigError(f"--key: {pubkey} is a private key; pass the public key ({pubkey}.pub)")
     state = project.root / ".capsule" / "dev" / name
     token_file = state / "jupyter_token"
-    host_uid = uid if uid is not None else os.getuid()
+    host_uid, host_gid = _host_ids(project, uid, gid)
     opts = d.DevOptions(
         image=image_ref, name=name,
         volumes={v: project.volume_path(v) for v in d.VOLUMES},
@@ -228,11 +245,20 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         gpus=_host_has_gpu() if gpus is None else gpus,
         ipc_host=shm_size is None and project.targets.docker.ipc_host,
         shm_size=shm_size, network=network or project.targets.docker.network,
-        host_uid=None if host_uid == 0 else host_uid,
-        host_gid=None if host_uid == 0 else (gid if gid is not None else os.getgid()),
+        host_uid=host_uid, host_gid=host_gid,
         pubkey_file=pubkey, token_file=token_file.resolve(),
     )
     argv = d.docker_run_argv(opts)
+    # The token file exists before the command is shown, so a printed command works as is
+    # (a missing bind-mount source would become an empty directory).
+    state.mkdir(parents=True, exist_ok=True)
+    if not token_file.is_file() or not token_file.read_text().strip():
+        old = os.umask(0o077)
+        try:
+            token_file.write_text(secrets.token_hex(24))
+        finally:
+            os.umask(old)
+    token_file.chmod(0o600)
     if dry_run:
         if as_json:
             print_json({"argv": argv})
@@ -248,14 +274,6 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
     labels = b.image_labels(image_ref)
     if labels.get("io.torchcapsule.flavor") == "slim":
         raise ImageError(f"--image: {image_ref} is a slim image (no Jupyter or SSH); build and use the jupyter-ssh flavor")
-    state.mkdir(parents=True, exist_ok=True)
-    if not token_file.is_file() or not token_file.read_text().strip():
-        old = os.umask(0o077)
-        try:
-            token_file.write_text(secrets.token_hex(24))
-        finally:
-            os.umask(old)
-    token_file.chmod(0o600)
     for v in d.VOLUMES:
         opts.volumes[v].mkdir(parents=True, exist_ok=True)
     r = subprocess.run(argv, capture_output=True, text=True)
@@ -270,6 +288,9 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         return
     con = console()
     con.print(f"[green]started[/] {name} from {image_ref}")
+    if host_uid is None:
+        con.print(f"  [yellow]note[/]: the project is owned by root, so {spec.user} cannot write the volumes; "
+                  "pass --uid/--gid of a non-root owner or chown the directories")
     con.print(f"  Jupyter: {info['jupyter_url']}")
     if "ssh" in info:
         con.print(f"  SSH:     {info['ssh']}" + ("" if pubkey else "  (no public key found: pass --key)"))

@@ -126,7 +126,7 @@ def docker_build(ctx: Path, tag: str, labels: dict[str, str], *, dockerfile: str
     """Run the classic/BuildKit builder with host networking; return the image id. Tags only on success."""
     with tempfile.TemporaryDirectory(prefix="capsule-build-") as tmp:
         iid = Path(tmp) / "iid"
-        cmd = [docker_bin(), "build", "--network", "host", "--iidfile", str(iid), "-f", str(ctx / dockerfile)]
+        cmd = [docker_bin(), "build", "--force-rm", "--network", "host", "--iidfile", str(iid), "-f", str(ctx / dockerfile)]
         for k, v in labels.items():
             cmd += ["--label", f"{k}={v}"]
         cmd.append(str(ctx))

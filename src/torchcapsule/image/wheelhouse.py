@@ -55,11 +55,30 @@ def sha256(path: Path) -> str:
 
 def index_args(torch_index: str | None) -> list[str]:
     """The PyTorch wheel index for the chosen CUDA/CPU build, unless turned off ('none'),
-    in which case pip's own configuration (index, find-links) decides."""
+    in which case pip's own configuration (index, find-links) decides. An index that does not
+    answer is dropped with a warning: pip would retry it for minutes, and the pinned local
+    version (torch==X+cpu / +cuXXX) still cannot be satisfied by a different build."""
     index = os.environ.get(TORCH_INDEX_ENV, torch_index)
     if not index or index == "none":
         return []
+    if not _reachable(index):
+        print(f"capsule: warning: the PyTorch index {index} does not answer; using pip's own configuration "
+              f"(set {TORCH_INDEX_ENV}=none to skip this check)", file=sys.stderr)
+        return []
     return ["--extra-index-url", index]
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/", method="HEAD"), timeout=timeout)
+        return True
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
 
 
 def pip_download(requirements: list[str], target: Target, *, cache: Path, torch_index: str | None,

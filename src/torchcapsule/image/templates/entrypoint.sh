@@ -62,11 +62,17 @@ if [ "$(id -u)" = 0 ]; then
   if [ -n "$want_uid$want_gid" ]; then
     home=$(getent passwd "$USER_NAME" | cut -d: -f6)
     chown -R "$USER_NAME:$USER_NAME" "$home" "$RUN_DIR"
-    # The volumes' mount points themselves (not their contents: those are the host's files).
+    # Volume directories that are not mounted belong to the image: give them to the new uid.
+    # Mounted ones are the host's and keep their owner.
     for d in /workspace /data /models /logs; do
-      [ -d "$d" ] && [ "$(stat -c %u "$d")" != 0 ] && chown "$USER_NAME:$USER_NAME" "$d" 2>/dev/null || true
+      if [ -d "$d" ] && ! mountpoint -q "$d"; then chown "$USER_NAME:$USER_NAME" "$d"; fi
     done
   fi
+  for d in /workspace /data /models /logs; do
+    if mountpoint -q "$d" && ! setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups test -w "$d"; then
+      warn "$d is not writable by $USER_NAME (uid $(id -u "$USER_NAME")); start with HOST_UID=\$(id -u) HOST_GID=\$(id -g) (capsule dev does) or fix the owner of the host directory"
+    fi
+  done
   as_user() { exec setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups \
                 env HOME="$(getent passwd "$USER_NAME" | cut -d: -f6)" USER="$USER_NAME" LOGNAME="$USER_NAME" "$@"; }
   spawn_user() { setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups \
