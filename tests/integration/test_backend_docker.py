@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import EXAMPLE, run_capsule
 from tests.integration.backend_support import copy_example, job_id_in, status, wait_for
-from tests.integration.image_fixtures import BASE_IMAGE, ensure_base_image
+from tests.integration.image_fixtures import build_digits_image
 
 REGISTRY = "capsule-backends-test"  # our own tag: other sessions rebuild the shared digits tags
 HOST_UID = HOST_GID = 23456  # a non-root "host user": the test itself runs as root in CI
@@ -21,19 +21,17 @@ HOST_UID = HOST_GID = 23456  # a non-root "host user": the test itself runs as r
 
 @pytest.fixture(scope="module")
 def image(docker_engine) -> str:
-    """The example's slim CPU image, built once with the real `capsule image build`, retagged."""
-    ensure_base_image()
-    r = run_capsule("image", "build", "--flavor", "slim", "--base", BASE_IMAGE, "--json",
-                    cwd=EXAMPLE, timeout=1500)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    built = json.loads(r.stdout)
+    """The example's slim CPU image, built with the real `capsule image build` (the image tests'
+    fixture, built once per session), retagged under our own name right away."""
     from torchcapsule.config import load_project
-    from torchcapsule.image.tags import project_tag
+    from torchcapsule.image.tags import tag_for
 
-    probe = copy_example("capsule-docker-tag-", image_registry=REGISTRY, flavor="slim")
-    tag = project_tag(load_project(probe))
-    shutil.rmtree(probe.parent, ignore_errors=True)
-    subprocess.run(["docker", "tag", built["id"], tag], check=True)
+    built = build_digits_image("slim")
+    image_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", built],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    example = load_project(EXAMPLE)
+    tag = tag_for(example.name, example.image.model_copy(update={"registry": REGISTRY, "flavor": "slim"}))
+    subprocess.run(["docker", "tag", image_id, tag], check=True)
     return tag
 
 
