@@ -89,7 +89,7 @@ def test_targets_and_time_limit(project):
 
 @pytest.mark.parametrize("runtime,expect", [
     ("pyxis", ["--container-image=img:1", "--container-mounts=", "--container-workdir=/workspace"]),
-    ("apptainer", ["srun --kill-on-bad-exit=1 apptainer exec --bind ", "--pwd /workspace img:1 torchrun"]),
+    ("apptainer", ["srun --kill-on-bad-exit=1 apptainer exec --bind ", "--pwd /workspace docker://img:1 torchrun"]),
 ])
 def test_container_runtimes(project, runtime, expect):
     spec = job_spec(project, "train")

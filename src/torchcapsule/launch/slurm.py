@@ -155,7 +155,9 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
         if c.runtime == "pyxis":
             srun += [f"--container-image={image}", f"--container-mounts={mounts}",
                      f"--container-workdir={workdir}"]
-        else:  # apptainer
+        else:  # apptainer: a .sif path or a URI; a bare registry reference means docker://
+            if "://" not in image and not image.endswith(".sif"):
+                image = f"docker://{image}"
             srun += ["apptainer", "exec", *(["--nv"] if spec.gpus.count else []),
                      "--bind", mounts, "--pwd", workdir, image]
     step = shell_join(srun + inner)
