@@ -180,3 +180,38 @@ def test_gpu_type_the_cluster_lacks_is_refused_before_sbatch(project, monkeypatc
     with pytest.raises(BackendError, match="no H100 GPUs"):
         backend.schedule(dr)
     assert calls == []  # nothing submitted
+
+
+def test_time_limit_trap_requeues_and_keeps_sruns_exit_code(project, tmp_path):
+    """The rendered script's shell logic, run by bash with stand-ins for srun and scontrol:
+    USR1 (sent by Slurm before the time limit) requeues the job, and the script still waits
+    for the step and exits with its code."""
+    import os
+    import signal
+    import sys
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    record = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/sh\necho "$@" >> {record}\n[ "$1" = show ] && echo localhost\nexit 0\n')
+    started = tmp_path / "srun.started"
+    (bin_dir / "srun").write_text(f"#!/bin/sh\ntouch {started}\nsleep 2\nexit 7\n")
+    for f in ("scontrol", "srun"):
+        (bin_dir / f).chmod(0o755)
+    spec = replace(job_spec(project, "train"), time_limit="00:10:00")
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_script(spec, project.targets.slurm, python=str(bin_dir / "python")))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "localhost"}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 15
+    while not started.exists() and time.monotonic() < deadline:  # the trap is set before srun starts
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 7
+    assert "requeueing from the last checkpoint" in out
+    assert "requeue 42" in record.read_text()
