@@ -177,6 +177,9 @@ class FakeBatch:
     def list_namespaced_job(self, namespace, **kw):
         return {"items": [j for (ns, _), j in self.jobs.items() if ns == namespace]}
 
+    def list_job_for_all_namespaces(self, label_selector=None, **kw):
+        return {"items": list(self.jobs.values())}
+
 
 class FakeCore:
     def __init__(self):
@@ -245,6 +248,8 @@ def test_submit_creates_job_then_status_logs_cancel(backend, project):
     assert patch["body"] == {"metadata": {"annotations": {CANCELLED: "true"}}, "spec": {"suspend": True}}
     assert backend.status(job_id).state is JobState.CANCELLED
     assert [s.job_id for s in backend.list()] == [job_id]
+    anywhere = KubernetesBackend(apis=backend.apis)  # `capsule jobs list` outside a project
+    assert [s.job_id for s in anywhere.list()] == [job_id]
 
 
 def test_two_nodes_creates_the_service_too(backend, project):

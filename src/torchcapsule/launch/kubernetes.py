@@ -369,6 +369,8 @@ class KubernetesBackend(Backend):
     def __init__(self, project: Project | None = None, target: KubernetesTarget | None = None,
                  apis: Apis | None = None) -> None:
         self.target = target or (project.targets.kubernetes if project else KubernetesTarget())
+        # `capsule jobs list` outside a project: look in every namespace the user may read.
+        self.all_namespaces = project is None and target is None
         user = project.image.user if project else None
         self.user = PodUser(user.uid, user.gid or user.uid) if user else PodUser()
         self._apis = apis
@@ -541,13 +543,16 @@ class KubernetesBackend(Backend):
                        body={**mark, "spec": {"runPolicy": {"suspend": True}}})
 
     def list(self) -> list[JobStatus]:
-        ns = self.target.namespace
-        r = self._call(f"listing Jobs in {ns}", self.apis.batch.list_namespaced_job,
-                       namespace=ns, label_selector=JOB_LABEL)
+        if self.all_namespaces:
+            r = self._call("listing Jobs", self.apis.batch.list_job_for_all_namespaces, label_selector=JOB_LABEL)
+        else:
+            ns = self.target.namespace
+            r = self._call(f"listing Jobs in {ns}", self.apis.batch.list_namespaced_job,
+                           namespace=ns, label_selector=JOB_LABEL)
         out = []
         for job in self.apis.plain(r).get("items") or []:
-            name = job["metadata"]["name"]
-            out.append(job_status(job, [], self.job_id(f"{ns}/{name}")))
+            meta = job["metadata"]
+            out.append(job_status(job, [], self.job_id(f"{meta['namespace']}/{meta['name']}")))
         return out
 
 
