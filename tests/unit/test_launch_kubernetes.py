@@ -213,6 +213,11 @@ class FakeCustom:
         self.created = body
         return body
 
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
+        if getattr(self, "created", None) and self.created["metadata"]["name"] == name:
+            return {**self.created, "status": {"conditions": [{"type": "Running", "status": "True"}]}}
+        raise ApiException(status=404, reason="Not Found")
+
 
 def test_fakes_match_the_real_client():
     pairs = [(FakeBatch, kclient.BatchV1Api), (FakeCore, kclient.CoreV1Api), (FakeCustom, kclient.CustomObjectsApi)]
@@ -262,8 +267,13 @@ def test_kubeflow_submits_a_custom_object(project):
         update={"kubernetes": KubernetesTarget(namespace="ml", operator="kubeflow")})})
     custom = FakeCustom()
     b = KubernetesBackend(p, apis=Apis(FakeBatch(), FakeCore(), custom))
-    b.submit(job_spec(p, "train", nodes=2))
+    job_id = b.submit(job_spec(p, "train", nodes=2))
     assert custom.created["kind"] == "PyTorchJob"
+    # `capsule jobs status` runs without the project: it still finds the PyTorchJob.
+    anywhere = KubernetesBackend(apis=b.apis)
+    assert anywhere.status(job_id).state is JobState.RUNNING
+    with pytest.raises(JobNotFound, match='jobs.batch "nope" not found'):
+        anywhere.status("kubernetes:ml/nope")
 
 
 def test_errors_are_one_line_with_fix(backend, project):

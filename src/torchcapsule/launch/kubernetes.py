@@ -470,12 +470,16 @@ class KubernetesBackend(Backend):
             job = self._call(f"reading Job {ns}/{name}", self.apis.batch.read_namespaced_job,
                              name=name, namespace=ns)
             return "Job", self.apis.plain(job)
-        except JobNotFound:
-            if self.target.operator != "kubeflow":
+        except JobNotFound as not_a_job:
+            if self.target.operator != "kubeflow" and not self.all_namespaces:
                 raise
+            missing = not_a_job  # `capsule jobs` has no project: it may be a PyTorchJob
         group, version, plural = KUBEFLOW
-        obj = self._call(f"reading PyTorchJob {ns}/{name}", self.apis.custom.get_namespaced_custom_object,
-                         group=group, version=version, namespace=ns, plural=plural, name=name)
+        try:
+            obj = self._call(f"reading PyTorchJob {ns}/{name}", self.apis.custom.get_namespaced_custom_object,
+                             group=group, version=version, namespace=ns, plural=plural, name=name)
+        except JobNotFound:
+            raise missing from None
         return "PyTorchJob", self.apis.plain(obj)
 
     def status(self, job_id: str) -> JobStatus:
