@@ -289,6 +289,9 @@ class SlurmTarget(_Model):
     constraint: str | None = None
     container: SlurmContainer | None = None
     extra_directives: tuple[str, ...] = ()
+    # Interpreter whose environment (torchrun, the project's packages) runs the stage when no
+    # container runtime is set; must exist on the compute nodes. Default: the submitting one.
+    python: str | None = None
 
 
 class KubernetesTarget(_Model):
