@@ -121,7 +121,7 @@ def test_labels_record_versions(project):
         assert label in df
 
 
-@pytest.mark.parametrize("cuda, python", [("cpu", "3.11"), ("12.8", "3.12"), ("13.0", "3.10")])
+@pytest.mark.parametrize("cuda, python", [("cpu", "3.11"), ("12.6", "3.12"), ("13.0", "3.10")])
 @pytest.mark.parametrize("flavor", ["jupyter-ssh", "slim"])
 def test_hadolint_has_no_findings(project, tmp_path, cuda, python, flavor):
     spec = resolve(project, cuda=cuda, python=python, flavor=flavor)
