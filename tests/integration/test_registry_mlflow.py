@@ -154,8 +154,12 @@ def test_rule_registers_but_does_not_promote_a_worse_version(store, tmp_path):
     meta = json.loads((worse / "meta.json").read_text())
     meta["machine"] = {"torch": "2.13.0+cu128", "cuda": "12.8", "gpus": "NVIDIA H100 80GB HBM3 (sm 9.0)"}
     (worse / "meta.json").write_text(json.dumps(meta))
-    r = run_capsule("models", "register", "--model-dir", str(worse), cwd=store, env=_env(), timeout=300)
+    outputs = tmp_path / "register.outputs.json"  # what `capsule pipeline run` hands a stage
+    r = run_capsule("models", "register", "--model-dir", str(worse), cwd=store, timeout=300,
+                    env=_env(CAPSULE_PIPELINE_OUTPUTS=str(outputs)))
     assert r.returncode == 0, r.stderr
+    reported = json.loads(outputs.read_text())
+    assert reported["model_version"].startswith("models:/digits/") and not reported["promotion"]["promoted"]
     assert "registered digits version" in r.stdout
     assert "not promoted" in r.stdout and "accuracy >= champion.accuracy: fails" in r.stdout
     r = run_capsule("models", "show", "digits@champion", "--json", cwd=store, env=_env(), check=True)
