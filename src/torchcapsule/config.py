@@ -306,6 +306,9 @@ class SlurmTarget(_Model):
     constraint: str | None = None
     container: SlurmContainer | None = None
     extra_directives: tuple[str, ...] = ()
+    # Interpreter whose environment (torchrun, the project's packages) runs the stage when no
+    # container runtime is set; must exist on the compute nodes. Default: the submitting one.
+    python: str | None = None
 
 
 class KubernetesTarget(_Model):
@@ -358,6 +361,16 @@ class Project(_Model):
                         f"@stages.{name}.needs: unknown stage '{need}'{hint}; "
                         f"stages: {', '.join(self.stages)}"
                     )
+        # A cycle in `needs` is caught here too, so `capsule validate` reports it with its line.
+        from .pipeline.dag import find_cycle
+
+        cycle = find_cycle({n: s.needs for n, s in self.stages.items()})
+        if cycle:
+            a, b = cycle[-2], cycle[-1]
+            raise ValueError(
+                f"@stages.{b}.needs: cycle {' -> '.join(cycle)}; remove '{a}' from stages.{b}.needs "
+                "(or another need on the cycle)"
+            )
         return self
 
     def stage(self, name: str) -> Stage:

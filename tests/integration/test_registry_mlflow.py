@@ -66,6 +66,8 @@ def test_register_records_provenance_and_checksums(store):
         assert tags[key], key
     assert tags["capsule.image_tag"] == "digits:2.13.0-cpu-py3.11-jupyter-ssh"
     assert tags["capsule.lock_hash"] == "none"  # no capsule.lock next to capsule.yaml
+    assert tags["capsule.machine_source"] == "probed at registration"
+    assert json.loads(tags["capsule.machine"])["torch"].startswith("2.13.0")
     import hashlib
 
     for f in ("model.safetensors", "model.py", "meta.json"):
@@ -134,6 +136,8 @@ def test_list_show_pull_cli(store, tmp_path):
     assert "champion" in r.stdout and "accuracy" in r.stdout
     r = run_capsule("models", "show", "digits/1", cwd=store, env=_env(), check=True)
     assert "sha256.model.safetensors" in r.stdout
+    r = run_capsule("models", "show", "digits", "--json", cwd=store, env=_env(), check=True)  # the latest
+    assert json.loads(r.stdout)["version"] == max(m["latest_version"] for m in rows if m["name"] == "digits")
     out = tmp_path / "pulled"
     r = run_capsule("models", "pull", "digits@champion", "-o", str(out), cwd=store, env=_env(), check=True)
     assert "sha256 verified" in r.stdout
@@ -146,8 +150,16 @@ def test_list_show_pull_cli(store, tmp_path):
 
 def test_rule_registers_but_does_not_promote_a_worse_version(store, tmp_path):
     worse = train_model_dir(tmp_path / "worse", steps=2, accuracy=0.51)
-    r = run_capsule("models", "register", "--model-dir", str(worse), cwd=store, env=_env(), timeout=300)
+    # this one's train stage recorded the (GPU) machine it ran on: that, not this host, is tagged
+    meta = json.loads((worse / "meta.json").read_text())
+    meta["machine"] = {"torch": "2.13.0+cu128", "cuda": "12.8", "gpus": "NVIDIA H100 80GB HBM3 (sm 9.0)"}
+    (worse / "meta.json").write_text(json.dumps(meta))
+    outputs = tmp_path / "register.outputs.json"  # what `capsule pipeline run` hands a stage
+    r = run_capsule("models", "register", "--model-dir", str(worse), cwd=store, timeout=300,
+                    env=_env(CAPSULE_PIPELINE_OUTPUTS=str(outputs)))
     assert r.returncode == 0, r.stderr
+    reported = json.loads(outputs.read_text())
+    assert reported["model_version"].startswith("models:/digits/") and not reported["promotion"]["promoted"]
     assert "registered digits version" in r.stdout
     assert "not promoted" in r.stdout and "accuracy >= champion.accuracy: fails" in r.stdout
     r = run_capsule("models", "show", "digits@champion", "--json", cwd=store, env=_env(), check=True)
@@ -155,6 +167,9 @@ def test_rule_registers_but_does_not_promote_a_worse_version(store, tmp_path):
     # an explicit promote overrides the rule, and can be rolled back the same way
     r = run_capsule("models", "list", "digits", "--json", cwd=store, env=_env(), check=True)
     newest = json.loads(r.stdout)[0]["version"]
+    tags = json.loads(r.stdout)[0]["tags"]
+    assert tags["capsule.machine_source"] == "meta.json" and tags["capsule.cuda"] == "12.8"
+    assert "H100" in json.loads(tags["capsule.machine"])["gpus"]
     run_capsule("models", "promote", "digits", newest, "--alias", "champion", cwd=store, env=_env(), check=True)
     r = run_capsule("models", "show", "digits@champion", "--json", cwd=store, env=_env(), check=True)
     assert json.loads(r.stdout)["version"] == newest
@@ -298,6 +313,10 @@ def test_eight_concurrent_registrations_get_eight_versions(tmp_path, mlflow_inst
     root = tmp_path / "proj"
     write_project(root, model_name="race")
     model = train_model_dir(root / "models" / "race", steps=2)
+    # recorded machine facts spare each of the 8 processes a torch import (2 shared cores here)
+    meta = json.loads((model / "meta.json").read_text())
+    meta["machine"] = {"torch": "2.13.0+cpu", "cuda": "none"}
+    (model / "meta.json").write_text(json.dumps(meta))
     go = tmp_path / "go"
     code = textwrap.dedent(f"""
         import os, time

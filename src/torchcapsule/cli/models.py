@@ -20,6 +20,7 @@ tracking_option = click.option(
 
 def _store(file: str | None, uri: str | None) -> tuple[Any, str]:
     """(project or None, tracking URI): --tracking-uri, else the project's, else $MLFLOW_TRACKING_URI."""
+    from ..config import find_project_file
     from ..registry.store import tracking_uri
 
     project = None
@@ -27,10 +28,12 @@ def _store(file: str | None, uri: str | None) -> tuple[Any, str]:
         project = load(file)
     elif uri is None:
         try:
-            project = load(None)
-        except ConfigError:
+            found = find_project_file()
+        except ConfigError:  # no capsule.yaml: fine when $MLFLOW_TRACKING_URI names the store
             if not os.environ.get("MLFLOW_TRACKING_URI"):
                 raise
+            found = None
+        project = load(str(found)) if found else None  # a broken capsule.yaml is still an error
     return project, uri or tracking_uri(project)
 
 
@@ -57,6 +60,7 @@ def register(file: str | None, model_dir: str | None, promote: bool, as_json: bo
         parse_rule(project.registry.promote.rule)
     mv = registry.register(project, model_dir)
     decision = registry.apply_rule(project, mv.version) if promote else None
+    _report_to_pipeline(mv, decision)
     if as_json:
         out = mv.to_dict()
         out["promotion"] = None if decision is None else {
@@ -175,6 +179,28 @@ def pull(ref: str, output: str, file: str | None, tracking_uri: str | None, as_j
         return
     console().print(f"[green]pulled[/] {mv.name} version {mv.version} to {dest} "
                     f"({len(mv.checksums)} files, sha256 verified)")
+
+
+def _report_to_pipeline(mv: Any, decision: Any) -> None:
+    """Inside `capsule pipeline run`, tell the run record which version this stage made
+    ($CAPSULE_PIPELINE_OUTPUTS names a JSON file the stage may write)."""
+    import json
+    from pathlib import Path
+
+    target = os.environ.get("CAPSULE_PIPELINE_OUTPUTS")
+    if not target:
+        return
+    path = Path(target)
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    data["model_version"] = mv.uri
+    if decision is not None:
+        data["promotion"] = {"promoted": decision.promoted, "alias": decision.alias, "reason": decision.reason}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _table(*columns: str):

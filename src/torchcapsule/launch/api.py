@@ -129,7 +129,8 @@ class Backend(ABC):
     def status(self, job_id: str) -> JobStatus: ...
 
     @abstractmethod
-    def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]: ...
+    def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]:
+        """The job's output, one line per item without its newline; `follow` until it ends."""
 
     @abstractmethod
     def cancel(self, job_id: str) -> None: ...

@@ -116,9 +116,10 @@ def _uri_for(project: "Project | None", tracking: str | None) -> str:
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             try:
-                project = load_project(find_project_file())
-            except CapsuleError:
-                project = None
+                found = find_project_file()
+            except CapsuleError:  # no capsule.yaml here: tracking_uri(None) says what to pass
+                found = None
+            project = load_project(found) if found else None  # a broken one is an error
     return tracking_uri(project)
 
 
@@ -333,13 +334,20 @@ def register(project: "Project", model_dir: str | Path | None = None) -> ModelVe
     meta = read_model_dir(model_dir)
     digests = cks.digest_dir(model_dir)
     name = _model_name(project)
-    machine = fx.machine_facts()
+    # The machine that trained it: meta.json "machine" when the train stage recorded it (it may
+    # have run on a GPU cluster), else this machine's facts, and the tag says which.
+    recorded = meta.get("machine")
+    machine = ({str(k): str(v) for k, v in recorded.items()} if isinstance(recorded, dict) and recorded
+               else fx.machine_facts())
+    machine.setdefault("torch", str(meta.get("torch", "unknown")))
+    machine.setdefault("cuda", "unknown")
     provenance = {
         "capsule.format": FORMAT, "capsule.project": project.name,
         "capsule.git_commit": fx.git_commit(project.root), "capsule.image_tag": fx.image_tag(project),
         "capsule.lock_hash": fx.lock_hash(project), "capsule.torch": machine["torch"],
         "capsule.cuda": machine["cuda"], "capsule.fingerprint": fx.fingerprint(machine),
         "capsule.machine": json.dumps(machine, sort_keys=True),
+        "capsule.machine_source": "meta.json" if recorded else "probed at registration",
     }
     metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
