@@ -60,10 +60,14 @@ def test_sigterm_finishes_requests_in_flight(tmp_path):
             burst = asyncio.create_task(_burst(s.url, 12))
             await asyncio.sleep(0.2)  # requests are queued / in a batch now
             s.proc.send_signal(15)
+            await asyncio.sleep(0.1)
+            async with httpx.AsyncClient(base_url=s.url) as c:
+                ready = await c.get("/readyz")  # accepted within the read grace: says draining
             answers = await burst
-            return answers
+            return answers, ready
 
-        answers = asyncio.run(scenario())
+        answers, ready = asyncio.run(scenario())
+        assert ready.status_code == 503 and ready.json() == {"status": "draining"}
         assert [a.status_code for a in answers] == [200] * 12
         assert s.proc.wait(30) == 0
         # and it no longer accepts

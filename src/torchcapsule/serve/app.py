@@ -64,6 +64,7 @@ class ServeApp:
         self.settings = settings
         self.current: Runner | None = None  # swapped atomically on reload (one assignment)
         self.failed: str | None = None  # why the first version could not be served
+        self.draining = False  # SIGTERM received: finishing what was sent, then exiting
         self.on_fatal: Callable[[str], None] | None = None  # set by the server: exit on failure
         self.batcher = Batcher(self._process, max_batch_size=settings.max_batch_size,
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
@@ -263,6 +264,8 @@ def build_admin(app: ServeApp):
              responses={503: {"description": "Loading, or the model failed to load"}})
     def readyz():
         r = app.current
+        if app.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if r is None:
             body = {"status": "failed" if app.failed else "loading", "error": app.failed}
             return JSONResponse(body, status_code=503)

@@ -68,7 +68,7 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
         access_log=False, log_level=opts.log_level,
         timeout_graceful_shutdown=opts.settings.timeout_s + 5, timeout_keep_alive=30,
     )
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config, app)
 
     def fatal(why: str) -> None:
         server.should_exit = True
@@ -82,6 +82,30 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
     if not server.started:
         raise ServeError(f"could not listen on {opts.host}:{opts.port}",
                          hint="is the port in use? pick another with --port")
+
+
+# How long, after SIGTERM, the service keeps reading requests that clients already sent before
+# uvicorn stops accepting: an inline forward holds the event loop, so such requests can sit
+# unread in socket buffers or the accept backlog; closing at once would reset them.
+DRAIN_GRACE_S = 0.5
+
+
+def _DrainingServer(config, app):
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.draining = True  # /readyz answers 503 from now on
+            loop = asyncio.get_running_loop()
+            end = loop.time() + DRAIN_GRACE_S
+            hard_end = end + app.settings.timeout_s  # busy keep-alive clients cannot hold it open
+            while loop.time() < end or (app.batcher.depth and loop.time() < hard_end):
+                await asyncio.sleep(0.02)
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def _worker(opts_dict: dict, sock: socket.socket, index: int) -> None:
