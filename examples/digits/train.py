@@ -127,6 +127,8 @@ def save_model_dir(model, args, kwargs, acc: float, step: int) -> Path:
     """<models>/<name>/: model.safetensors + model.py + meta.json (the model directory contract)."""
     from safetensors.torch import save_model
 
+    from torchcapsule.registry.facts import machine_facts
+
     models = Path(os.environ.get("CAPSULE_MODELS_DIR", HERE / "models"))
     out = models / args.name
     tmp = models / f".tmp-{args.name}-{os.getpid()}"
@@ -142,6 +144,10 @@ def save_model_dir(model, args, kwargs, acc: float, step: int) -> Path:
                    "seed": args.seed, "world_size": int(os.environ.get("WORLD_SIZE", "1"))},
         "torch": torch.__version__.split("+")[0], "step": step,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # Lets `capsule serve --smoke-test` send real digits and report accuracy.
+        "dataset": "sklearn.datasets.load_digits",
+        # The training machine's stack, recorded where it trained (the registry keeps it).
+        "machine": machine_facts(),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():  # replace the previous model only once the new one is complete

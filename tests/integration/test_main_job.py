@@ -1,12 +1,10 @@
-"""DRAFT (issue-8 helper) of the README's main job test; the lead owns the final version after
-merging registry (issue-5), serve (issue-6) and doctor (issue-2).
+"""The README's main job (scripts/main-job.sh runs the same `capsule pipeline run`).
 
 The main job on a fresh copy of examples/digits: `capsule pipeline run` = doctor (pre-flight)
 -> test -> train (2-rank DDP, CPU) -> evaluate -> register (applies the promotion rule) ->
 serve smoke test (starts the service on the new champion, sends real requests, stops it)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -16,14 +14,8 @@ from ..conftest import EXAMPLE, run_capsule
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-NEEDS = {"torchcapsule.cli.models": "issue-5-registry", "torchcapsule.cli.serve": "issue-6-serve",
-         "torchcapsule.cli.doctor": "issue-2-doctor"}
-
 
 def test_main_job_from_a_fresh_copy(tmp_path, monkeypatch):
-    missing = [b for m, b in NEEDS.items() if importlib.util.find_spec(m) is None]
-    if missing:  # DRAFT guard: remove once everything is merged
-        pytest.skip(f"DRAFT: needs {', '.join(missing)} merged")
     p = tmp_path / "digits"
     shutil.copytree(EXAMPLE, p, ignore=shutil.ignore_patterns("logs", "models", "data", ".capsule",
                                                               "__pycache__", ".pytest_cache"))
@@ -42,8 +34,7 @@ def test_main_job_from_a_fresh_copy(tmp_path, monkeypatch):
     from torchcapsule import registry
 
     project = load_project(p / "capsule.yaml")
-    monkeypatch.chdir(p)  # DRAFT: how registry.resolve finds the project's store is issue-5's call
-    champ = registry.resolve("models:/digits@champion")  # the rule promoted the first good model
+    champ = registry.resolve("models:/digits@champion", project=project)  # the rule promoted the first good model
     assert f"models:/digits/{champ.version}" == rec["model_version"]
     assert champ.metrics["accuracy"] >= 0.95
     assert project.registry.promote.alias in champ.aliases
