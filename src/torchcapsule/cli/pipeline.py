@@ -43,7 +43,10 @@ def run(file: str | None, on: str, from_stage: str | None, only: tuple[str, ...]
     def _term(signum, frame):  # `kubectl delete`, docker stop, Slurm: same as Ctrl-C
         raise KeyboardInterrupt
 
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler of its own.
     signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
     runner = Runner(project, RunOptions(on=on, from_stage=from_stage, only=only, force=force,
                                         doctor=not no_doctor), console=out, stream_logs=not quiet)
     rec = runner.run()
