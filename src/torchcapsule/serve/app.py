@@ -1,7 +1,7 @@
 """The ASGI app: a lean raw-ASGI hot path for POST /v1/predict, FastAPI for the rest.
 
 Why two layers: FastAPI + pydantic costs ~250 us of Python per request on these machines
-(3-4k req/s at best, see docs/benchmarks-serve.md), more than the batched forward itself.
+(3-4k req/s at best, see docs/benchmarks.md), more than the batched forward itself.
 So /v1/predict is handled here directly: read the body (413 past the limit), decode and
 validate it with msgspec against the handler's Request type (400/422 naming the field),
 queue it for the batcher (503 + Retry-After when full, 504 past the timeout) and write the
