@@ -1,4 +1,4 @@
-"""Subprocess effects shared by the docker and slurm backends.
+"""Subprocess effects shared by the backends (and the pipeline's run records).
 
 Kept tiny on purpose: run a command, turn "binary missing" and "timed out" into one-line
 BackendErrors that say what to install or start, and stream a command's output by line.
@@ -94,3 +94,20 @@ def follow_file(path: Path, done, poll_s: float = 0.5) -> Iterator[str]:
             return
         if not chunk:
             time.sleep(poll_s)
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (finished, not yet reaped by its parent) is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

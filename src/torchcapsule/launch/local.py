@@ -31,6 +31,7 @@ from typing import Iterator
 
 from ..errors import BackendError, JobNotFound
 from .api import Backend, DryRun, JobSpec, JobState, JobStatus
+from ._proc import pid_alive
 from .torchrun import (PREEMPTED_EXIT_CODE, failed_rank, nproc_per_node, shell_exit_code, stage_env,
                        torchrun_command)
 
@@ -97,23 +98,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (finished, not yet reaped by its parent) is not running.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class LocalBackend(Backend):
@@ -189,7 +173,7 @@ class LocalBackend(Backend):
         job = _read_json(d / "job.json") or {}
         st = _read_json(d / "state.json") or {}
         state = JobState(st.get("state", "PENDING"))
-        if not state.terminal and job.get("supervisor_pid") and not _alive(job["supervisor_pid"]):
+        if not state.terminal and job.get("supervisor_pid") and not pid_alive(job["supervisor_pid"]):
             # Re-read: the supervisor may have written its final state just before exiting.
             st = _read_json(d / "state.json") or st
             state = JobState(st.get("state", "PENDING"))
@@ -236,7 +220,7 @@ class LocalBackend(Backend):
             return
         (d / "cancel").write_text(str(time.time()))
         pid = (_read_json(d / "job.json") or {}).get("supervisor_pid")
-        if pid and _alive(pid):
+        if pid and pid_alive(pid):
             os.kill(pid, signal.SIGTERM)  # the supervisor forwards it to the job's process group
 
     def list(self) -> list[JobStatus]:

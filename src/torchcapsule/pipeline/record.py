@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PipelineError
+from ..launch._proc import pid_alive
 from .cache import LastAttempt
 
 RUN_STATES = ("running", "succeeded", "failed", "interrupted")
@@ -95,16 +96,6 @@ def new_run_id(now: float | None = None) -> str:
     return time.strftime("%Y%m%d-%H%M%S", t) + "-" + uuid.uuid4().hex[:6]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunStore:
     def __init__(self, logs_dir: Path) -> None:
         self.dir = Path(logs_dir) / "runs"
@@ -126,7 +117,7 @@ class RunStore:
         except (OSError, ValueError, TypeError):
             return None  # a foreign or damaged file is not a run record; never fatal
         # A run whose process died without writing its end (SIGKILL, power loss) was interrupted.
-        if rec.state == "running" and rec.host == socket.gethostname() and not _alive(rec.pid):
+        if rec.state == "running" and rec.host == socket.gethostname() and not pid_alive(rec.pid):
             rec.state = "interrupted"
             for s in rec.stages:
                 if s.state == "running":
