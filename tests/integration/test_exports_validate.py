@@ -97,15 +97,9 @@ def test_schema_check_rejects_a_broken_workflow(projects, tmp_path):
     assert _check_jsonschema("github-workflows", bad).returncode != 0
 
 
-def test_compose_file_passes_docker_compose_config_when_the_plugin_exists(projects, tmp_path):
-    docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("the docker compose plugin is not installed (Debian 12 has no package for v2); "
-                    "the compose-spec schema check above covers the file")
-    (tmp_path / "compose.yaml").write_text(_export(projects["digits"], "compose"))
-    r = subprocess.run([docker, "compose", "-f", str(tmp_path / "compose.yaml"), "config", "-q"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+# `docker compose config` is not run: Compose v2 has no Debian 12 package and cannot be fetched
+# here, and Debian's Compose v1 (1.29) predates the compose spec's top-level `name`. The file is
+# validated against the compose-spec JSON schema above instead (docs/pipeline.md says so).
 
 
 AIRFLOW_PY = REPO / ".venv-airflow" / "bin" / "python"
