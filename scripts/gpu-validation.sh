@@ -1,0 +1,393 @@
+#!/usr/bin/env bash
+# One short check of torchcapsule's GPU paths on a real GPU machine (docs/gpu-validation.md).
+#
+#   scripts/gpu-validation.sh                  # run the check; results in $OUT (default ./gpu-validation-out)
+#   scripts/gpu-validation.sh --prepare-wheels # on the HOST: fetch the Python wheels the device image lacks into .whl/
+#
+# Steps (each with its own timeout; a failed step does not stop the next ones):
+#   1. capsule doctor --json            and  capsule doctor --bench --json   (bf16 GEMM TFLOP/s, copy GB/s vs peak)
+#   2. capsule run train (local backend) of examples/digits: DDP under torchrun, one rank per GPU
+#      (NCCL and bf16 autocast are what the runtime picks on a GPU: train/dist.py, train/amp.py)
+#   3. capsule serve <the model it trained> --device cuda --smoke-test
+#   4. summary.json + summary.md (a row for docs/gpu-validation.md)
+#
+# Without a GPU it runs the same steps on the CPU ("no GPU: CPU dry run": gloo, fp32, --device cpu,
+# 2 epochs) so that the script itself can be checked anywhere; REQUIRE_GPU=1 makes that exit 3.
+#
+# $OUT receives at most 8 files (the device tool returns no more): run.log, doctor.json,
+# doctor-bench.json, train.log, metrics-train.jsonl, serve.log, summary.json, summary.md.
+#
+# Environment: OUT, PYTHON (default python3), REQUIRE_GPU=1, GIT_COMMIT (recorded in the summary), EPOCHS (default 30 on GPU, 2 on CPU),
+# BUDGET_S (whole-run limit in seconds, default 420), KEEP_WORK=1 (keep the scratch directory).
+set -u -o pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+# Packages torchcapsule's doctor/train/serve paths import that the device image ('cuda', see
+# /work/.library/device/KINDS.md) does not list: pydantic (config), fastapi + uvicorn + httptools +
+# msgspec (serve), and what they need at the versions they need.
+WHEEL_PKGS="pydantic pydantic_core annotated-types typing-inspection typing_extensions fastapi starlette opentelemetry-api uvicorn httptools msgspec"
+REQUIRED_MODULES="click rich yaml packaging jinja2 pydantic numpy safetensors sklearn fastapi uvicorn httptools uvloop msgspec httpx prometheus_client"
+
+# ------------------------------------------------------------------ host side: --prepare-wheels
+if [ "${1:-}" = "--prepare-wheels" ]; then
+  # Same versions as this checkout's environment ($PY), built for the device's CPython 3.12 on x86-64.
+  dest="$REPO/.whl"
+  mkdir -p "$dest"
+  specs=$("$PY" - $WHEEL_PKGS <<'EOF'
+import sys
+from importlib.metadata import version, PackageNotFoundError
+out = []
+for name in sys.argv[1:]:
+    try:
+        out.append(f"{name}=={version(name)}")
+    except PackageNotFoundError:
+        sys.exit(f"{name} is not installed in {sys.executable}: cannot pin its version")
+print(" ".join(out))
+EOF
+) || exit 1
+  echo "fetching into $dest: $specs"
+  # shellcheck disable=SC2086
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest" $specs || exit 1
+  ls -l "$dest"
+  du -sh "$dest"
+  exit 0
+fi
+
+# ------------------------------------------------------------------ the check
+OUT=${OUT:-$REPO/gpu-validation-out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "cannot create OUT=$OUT" >&2; exit 2; }
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-validation.XXXXXX") || exit 2
+exec > >(tee -a "$OUT/run.log") 2>&1
+T_START=$(date +%s)
+BUDGET_S=${BUDGET_S:-420}
+STEPS="$WORK/steps.tsv"
+: >"$STEPS"
+
+say() { printf '\n=== %s [%ss]\n' "$*" "$(( $(date +%s) - T_START ))"; }
+
+cleanup() {
+  cancel_jobs
+  [ "${KEEP_WORK:-0}" = 1 ] && echo "scratch kept: $WORK" || rm -rf "$WORK"
+}
+
+# record NAME RC SECONDS NOTE
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"$STEPS"; }
+
+# run_step NAME TIMEOUT_S STDOUT_FILE CMD... : stdout to STDOUT_FILE (also echoed when it is a log), stderr to run.log
+run_step() {
+  local name=$1 limit=$2 dest=$3; shift 3
+  local left=$(( BUDGET_S - ($(date +%s) - T_START) ))
+  if [ "$left" -lt 15 ]; then
+    echo "skipped $name: the run's budget (BUDGET_S=$BUDGET_S) is spent"
+    record "$name" skipped 0 "budget spent"
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  say "$name (timeout ${limit}s): $*"
+  local t0 t1 rc
+  t0=$(date +%s.%N)
+  case "$dest" in
+    *.json) timeout -k 10 "$limit" "$@" >"$dest"; rc=$? ;;
+    *)      timeout -k 10 "$limit" "$@" 2>&1 | tee "$dest"; rc=${PIPESTATUS[0]} ;;
+  esac
+  t1=$(date +%s.%N)
+  local secs
+  secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')
+  local note=""
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && note="timed out after ${limit}s"
+  echo "--- $name: exit $rc in ${secs}s ${note}"
+  record "$name" "$rc" "$secs" "$note"
+  return "$rc"
+}
+
+# Local jobs run under a detached supervisor (its own session): a timed-out `capsule run`
+# leaves its ranks running, so cancel whatever is still running in this run's CAPSULE_HOME.
+cancel_jobs() {
+  [ -d "${CAPSULE_HOME:-/nonexistent}/jobs" ] || return 0
+  local ids
+  ids=$(timeout 30 capsule jobs list --on local --json 2>/dev/null | "$PY" -c '
+import json, sys
+try:
+    jobs = json.load(sys.stdin)["jobs"]
+except Exception:
+    jobs = []
+print(" ".join(j["job_id"] for j in jobs if j.get("state") in ("PENDING", "RUNNING")))')
+  [ -z "$ids" ] && return 0
+  for id in $ids; do
+    echo "cancelling leftover job $id"
+    timeout 30 capsule jobs cancel "$id" || true
+  done
+  for _ in $(seq 1 40); do  # CANCEL_GRACE_S is 30 s
+    sleep 1
+    [ -z "$(timeout 30 capsule jobs list --on local --json 2>/dev/null | "$PY" -c '
+import json, sys
+print(" ".join(j["job_id"] for j in json.load(sys.stdin)["jobs"] if j.get("state") in ("PENDING", "RUNNING")))')" ] && break
+  done
+}
+trap cleanup EXIT
+
+say "gpu-validation: repo $REPO, out $OUT, scratch $WORK"
+date -u
+uname -a
+command -v "$PY" >/dev/null || { echo "no $PY on PATH: set PYTHON=/path/to/python3 (one with torch)"; exit 2; }
+PY=$(command -v "$PY")
+echo "python: $PY ($("$PY" -V 2>&1))"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+else
+  echo "nvidia-smi: not on PATH"
+fi
+
+# -- preflight: torch, the GPU, and the packages torchcapsule needs ----------------------------
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  echo "FATAL: $PY cannot import torch; on the device machine the image's python3 holds it"
+  exit 2
+fi
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
+NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)
+if [ "${NGPU:-0}" -gt 0 ]; then
+  MODE=gpu; DEVICE=cuda; GPUS=$NGPU; EPOCHS=${EPOCHS:-30}
+  echo "GPU mode: $NGPU CUDA device(s); training runs $NGPU rank(s) with NCCL, serving on cuda"
+else
+  MODE=cpu; DEVICE=cpu; GPUS=0; EPOCHS=${EPOCHS:-2}
+  echo "NOTE: no GPU: CPU dry run (torch sees no CUDA device): gloo, fp32, --device cpu, $EPOCHS epochs."
+  echo "      The figures below check the script, not the GPU paths."
+fi
+
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
+missing=$("$PY" - $REQUIRED_MODULES <<'EOF'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+  echo "missing Python modules: $missing"
+  if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+    echo "installing the carried wheels from .whl/ into $WORK/site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$WORK/site" "$REPO"/.whl/*.whl || echo "WARNING: installing .whl/ failed"
+    export PYTHONPATH="$REPO/src:$WORK/site${PYTHONPATH#"$REPO/src"}"
+    missing=$("$PY" - $REQUIRED_MODULES <<'EOF'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+EOF
+)
+    [ -n "$missing" ] && echo "still missing after the wheels: $missing"
+  else
+    echo "no .whl/ to install from: run 'scripts/gpu-validation.sh --prepare-wheels' on the host and carry .whl"
+  fi
+fi
+[ -z "$missing" ] && echo "all required modules import"
+"$PY" -c 'import torchcapsule, sys; print("torchcapsule from", torchcapsule.__file__)' || true
+
+# `capsule` = this checkout's CLI under this interpreter (no install needed, nothing built).
+mkdir -p "$WORK/bin"
+printf '#!/bin/sh\nexec "%s" -m torchcapsule.cli.main "$@"\n' "$PY" >"$WORK/bin/capsule"
+chmod +x "$WORK/bin/capsule"
+export PATH="$WORK/bin:$PATH"
+export CAPSULE_HOME="$WORK/capsule-home"   # local jobs' state, away from ~/.capsule
+export PYTHONUNBUFFERED=1
+cd "$WORK" || exit 2                        # no capsule.yaml here: doctor compares no pins
+
+# -- 1. doctor ------------------------------------------------------------------------------------
+run_step doctor 90 "$OUT/doctor.json" capsule doctor --json --require-gpus "$GPUS"
+run_step doctor-bench 150 "$OUT/doctor-bench.json" capsule doctor --bench --json
+
+# -- 2. training: the digits example under the local backend --------------------------------------
+mkdir -p "$WORK/digits"
+(cd "$REPO/examples/digits" && tar cf - --exclude=./models --exclude=./logs --exclude=./data \
+  --exclude=./.capsule --exclude=__pycache__ .) | (cd "$WORK/digits" && tar xf -)
+# Only the epochs (30 in the example; fewer on a CPU dry run) and no restarts (a failure should show, not retry).
+sed -i -e "s/^\(    run: train.py --epochs\) [0-9][0-9]*\$/\1 $EPOCHS/" -e 's/^\(    retries:\) [0-9][0-9]*$/\1 0/' \
+  "$WORK/digits/capsule.yaml"
+grep -n "run: train.py\|retries:" "$WORK/digits/capsule.yaml"
+(cd "$WORK/digits" && run_step train 240 "$OUT/train.log" capsule run train --on local --gpus "$GPUS")
+cancel_jobs
+cp "$WORK/digits/logs/metrics-train.jsonl" "$OUT/metrics-train.jsonl" 2>/dev/null \
+  || echo "no metrics file at $WORK/digits/logs/metrics-train.jsonl"
+
+# -- 3. serving the trained model -----------------------------------------------------------------
+MODEL_DIR="$WORK/digits/models/digits"
+if [ -f "$MODEL_DIR/meta.json" ]; then
+  run_step serve 120 "$OUT/serve.log" capsule serve "$MODEL_DIR" --device "$DEVICE" --smoke-test
+else
+  echo "skipped serve: training left no model directory at $MODEL_DIR" | tee "$OUT/serve.log"
+  record serve skipped 0 "no model directory"
+fi
+
+# -- 4. summary -----------------------------------------------------------------------------------
+say "summary"
+# The device machine gets a copy of the tree, maybe without .git: pass GIT_COMMIT=<hash> there.
+GIT_COMMIT=${GIT_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+"$PY" - "$OUT" "$STEPS" "$MODE" "$NGPU" "$EPOCHS" "$GIT_COMMIT" "${missing:-}" <<'EOF'
+import json, re, subprocess, sys, time
+from pathlib import Path
+
+out, steps_file, mode, ngpu, epochs, commit, missing = sys.argv[1:8]
+out = Path(out)
+gpu = mode == "gpu"
+
+
+def load_json(name):
+    try:
+        return json.loads((out / name).read_text())
+    except Exception as e:
+        return {"_error": f"{type(e).__name__}: {e}"}
+
+
+def text(name):
+    try:
+        return (out / name).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+steps = {}
+for line in Path(steps_file).read_text().splitlines():
+    name, rc, secs, note = (line.split("\t") + [""] * 4)[:4]
+    steps[name] = {"exit_code": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": float(secs), "note": note}
+
+try:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+except Exception:
+    smi = []
+
+doc, bench_doc = load_json("doctor.json"), load_json("doctor-bench.json")
+s = doc.get("summary") or bench_doc.get("summary") or {}
+doctor = {
+    "ok": doc.get("ok"), "exit_code": doc.get("exit_code"), "usable_gpus": doc.get("usable_gpus"),
+    "torch": s.get("torch"), "torch_cuda": s.get("torch_cuda"), "driver": s.get("driver"),
+    "cudnn": s.get("cudnn"), "nccl": s.get("nccl"), "bf16": s.get("bf16"), "device_count": s.get("device_count"),
+    "findings": [f"{f.get('severity')}: {f.get('id')}: {f.get('message')}" for f in doc.get("findings", [])],
+    "error": doc.get("_error"),
+}
+bench = []
+for b in (bench_doc.get("facts") or {}).get("bench", []):
+    r = dict(b)
+    if b.get("gemm_tflops") and b.get("peak_tflops"):
+        r["gemm_pct_of_peak"] = round(100 * b["gemm_tflops"] / b["peak_tflops"], 1)
+    if b.get("mem_gbps") and b.get("peak_gbps"):
+        r["mem_pct_of_peak"] = round(100 * b["mem_gbps"] / b["peak_gbps"], 1)
+    for k in ("gemm_tflops", "mem_gbps"):
+        if r.get(k) is not None:
+            r[k] = round(r[k], 1)
+    bench.append(r)
+
+# training: the rank-0 banner the example prints, and the metrics JSONL
+log = text("train.log")
+train = {"epochs": int(epochs)}
+m = re.search(r"world_size=(\d+) backend=(\S+) device=(\S+) precision=(\S+)", log)
+if m:
+    train.update(world_size=int(m[1]), backend=m[2], device=m[3], precision=m[4])
+m = re.search(r"saved \S+ test_accuracy ([0-9.]+) in ([0-9.]+)s", log)
+if m:
+    train.update(test_accuracy=float(m[1]), train_loop_seconds=float(m[2]))
+records = []
+for line in text("metrics-train.jsonl").splitlines():
+    try:
+        records.append(json.loads(line))
+    except ValueError:
+        pass
+started = [r for r in records if r.get("event") == "started"]
+finished = [r for r in records if r.get("event") == "finished"]
+if started:
+    train["metrics_started"] = {k: started[-1].get(k) for k in ("world_size", "precision")}
+if finished:
+    train["metrics_test_accuracy"] = finished[-1].get("test_accuracy")
+    if started:
+        train["metrics_seconds"] = round(finished[-1]["time"] - started[-1]["time"], 1)
+train["epochs_logged"] = sum(1 for r in records if "event" not in r)
+train["step_seconds"] = steps.get("train", {}).get("seconds")
+
+slog = text("serve.log")
+serve = {"step_seconds": steps.get("serve", {}).get("seconds")}
+m = re.search(r"smoke test: (\S+) version (\S+) on (\S+), (\d+) requests in (\d+) ms", slog)
+if m:
+    serve.update(model=m[1], version=m[2], device=m[3].rstrip(","), requests=int(m[4]), ms=int(m[5]))
+m = re.search(r"real sklearn digits: (\d+)/(\d+) labelled correctly", slog)
+if m:
+    serve.update(correct=int(m[1]), of=int(m[2]))
+serve["ok"] = "ok: answers have the right labels/shape" in slog
+serve["problems"] = re.findall(r"problem: (.*)", slog)
+
+# what the steps should show: on a GPU, NCCL + bf16 + cuda; on the CPU dry run, gloo + fp32 + cpu
+want = {"backend": "nccl", "precision": "bf16", "device": "cuda"} if gpu else \
+       {"backend": "gloo", "precision": "fp32", "device": "cpu"}
+checks = {
+    "doctor exit 0": doc.get("exit_code") == 0,
+    "bench figures measured": bool(bench) and all(b.get("gemm_tflops") and b.get("mem_gbps") for b in bench),
+    "train exit 0": steps.get("train", {}).get("exit_code") == 0,
+    f"train backend {want['backend']}": train.get("backend") == want["backend"],
+    f"train precision {want['precision']}": train.get("precision") == want["precision"],
+    f"train on {want['device']}": str(train.get("device", "")).startswith(want["device"]),
+    "train accuracy >= 0.9" if gpu else "train accuracy recorded":
+        (train.get("test_accuracy") or 0) >= 0.9 if gpu else train.get("test_accuracy") is not None,
+    "serve smoke test ok": serve["ok"] and steps.get("serve", {}).get("exit_code") == 0,
+    f"serve on {want['device']}": str(serve.get("device", "")).startswith(want["device"]),
+}
+status = ("GPU run" if gpu else "no GPU: CPU dry run") + (
+    ": all checks passed" if all(checks.values()) else
+    f": {sum(not v for v in checks.values())} check(s) failed")
+
+summary = {
+    "schema": "torchcapsule.gpu-validation/v1",
+    "status": status, "mode": mode, "gpus": int(ngpu),
+    "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "commit": commit,
+    "nvidia_smi": smi, "missing_modules": missing.split(), "steps": steps, "checks": checks,
+    "doctor": doctor, "bench": bench, "train": train, "serve": serve,
+}
+(out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def fmt(v, unit=""):
+    return "-" if v is None else f"{v}{unit}"
+
+
+b0 = bench[0] if bench else {}
+gpu_name = b0.get("name") or (smi[0].split(",")[0] if smi else "-")
+md = [
+    f"## {summary['date_utc']} UTC, commit {commit}: {status}",
+    "",
+    f"- device: {', '.join(smi) if smi else 'no nvidia-smi'}; torch {fmt(doctor['torch'])} "
+    f"(CUDA {fmt(doctor['torch_cuda'])}), driver {fmt(doctor['driver'])}, NCCL {fmt(doctor['nccl'])}, "
+    f"cuDNN {fmt(doctor['cudnn'])}",
+    f"- doctor: exit {fmt(doctor['exit_code'])}; findings: {'; '.join(doctor['findings']) or 'none'}",
+    "",
+    "| date (UTC) | commit | mode | device | GEMM TFLOP/s, dtype (% peak) | copy GB/s (% peak) "
+    "| train backend / precision / world | train acc | train time s (loop / step) "
+    "| serve device | serve digits correct | serve ms (requests) | checks |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    f"| {summary['date_utc']} | {commit} | {mode} | {gpu_name} "
+    f"| {fmt(b0.get('gemm_tflops'))}, {fmt(b0.get('gemm_dtype'))} ({fmt(b0.get('gemm_pct_of_peak'), '%')}) "
+    f"| {fmt(b0.get('mem_gbps'))} ({fmt(b0.get('mem_pct_of_peak'), '%')}) "
+    f"| {fmt(train.get('backend'))} / {fmt(train.get('precision'))} / {fmt(train.get('world_size'))} "
+    f"| {fmt(train.get('test_accuracy'))} | {fmt(train.get('train_loop_seconds'))} / {fmt(train.get('step_seconds'))} "
+    f"| {fmt(serve.get('device'))} | {fmt(serve.get('correct'))}/{fmt(serve.get('of'))} "
+    f"| {fmt(serve.get('ms'))} ({fmt(serve.get('requests'))}) "
+    f"| {sum(checks.values())}/{len(checks)} |",
+    "",
+    "Checks: " + "; ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in checks.items()),
+    "",
+    "Steps: " + "; ".join(f"{k} exit {v['exit_code']} in {v['seconds']}s{(' (' + v['note'] + ')') if v['note'] else ''}"
+                          for k, v in steps.items()),
+]
+(out / "summary.md").write_text("\n".join(md) + "\n")
+print("\n".join(md))
+sys.exit(0 if all(checks.values()) else 1)
+EOF
+rc=$?
+echo
+echo "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+echo "total $(( $(date +%s) - T_START ))s"
+if [ "$MODE" = cpu ]; then
+  echo "NOTE: no GPU: CPU dry run. Nothing above measures a GPU."
+  if [ "${REQUIRE_GPU:-0}" = 1 ]; then
+    echo "REQUIRE_GPU=1 and no GPU is visible: exit 3"
+    exit 3
+  fi
+fi
+exit $rc
