@@ -61,6 +61,7 @@ OUT=${OUT:-$REPO/gpu-validation-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "cannot create OUT=$OUT" >&2; exit 2; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-validation.XXXXXX") || exit 2
 exec > >(tee -a "$OUT/run.log") 2>&1
+TEE_PID=$!
 T_START=$(date +%s)
 BUDGET_S=${BUDGET_S:-420}
 STEPS="$WORK/steps.tsv"
@@ -69,8 +70,12 @@ STEPS="$WORK/steps.tsv"
 say() { printf '\n=== %s [%ss]\n' "$*" "$(( $(date +%s) - T_START ))"; }
 
 cleanup() {
+  local rc=$?
   cancel_jobs
   [ "${KEEP_WORK:-0}" = 1 ] && echo "scratch kept: $WORK" || rm -rf "$WORK"
+  exec >&- 2>&-           # let tee see EOF and finish run.log before the script's caller collects $OUT
+  wait "$TEE_PID" 2>/dev/null
+  exit "$rc"
 }
 
 # record NAME RC SECONDS NOTE
@@ -222,11 +227,11 @@ fi
 say "summary"
 # The device machine gets a copy of the tree, maybe without .git: pass GIT_COMMIT=<hash> there.
 GIT_COMMIT=${GIT_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}
-"$PY" - "$OUT" "$STEPS" "$MODE" "$NGPU" "$EPOCHS" "$GIT_COMMIT" "${missing:-}" <<'EOF'
+"$PY" - "$OUT" "$STEPS" "$MODE" "$NGPU" "$EPOCHS" "$GIT_COMMIT" "${missing:-}" "$MODEL_DIR" <<'EOF'
 import json, re, subprocess, sys, time
 from pathlib import Path
 
-out, steps_file, mode, ngpu, epochs, commit, missing = sys.argv[1:8]
+out, steps_file, mode, ngpu, epochs, commit, missing, model_dir = sys.argv[1:9]
 out = Path(out)
 gpu = mode == "gpu"
 
@@ -303,6 +308,10 @@ if finished:
         train["metrics_seconds"] = round(finished[-1]["time"] - started[-1]["time"], 1)
 train["epochs_logged"] = sum(1 for r in records if "event" not in r)
 train["step_seconds"] = steps.get("train", {}).get("seconds")
+try:  # the stack as the training rank saw it (train.py records it in meta.json)
+    train["model_machine"] = json.loads((Path(model_dir) / "meta.json").read_text()).get("machine")
+except (OSError, ValueError):
+    train["model_machine"] = None
 
 slog = text("serve.log")
 serve = {"step_seconds": steps.get("serve", {}).get("seconds")}
