@@ -130,6 +130,13 @@ class LocalBackend(Backend):
             nproc = 1
             argv = _python_argv(spec.command)
         env = stage_env(spec, nproc=nproc, cpu_count=os.cpu_count())
+        # Stages run in capsule's own environment: `python` is already this interpreter, and its
+        # bin directory (a venv's, holding `capsule`, `pytest`, `torchrun`) leads PATH, so a stage
+        # like `capsule models register` works even when the venv was never activated.
+        bin_dir = str(Path(sys.executable).parent)
+        path = env.get("PATH", os.environ.get("PATH", ""))
+        if bin_dir not in path.split(os.pathsep):
+            env["PATH"] = f"{bin_dir}{os.pathsep}{path}" if path else bin_dir
         req = LocalRequest(native_id=native, name=spec.name, argv=argv, env=env, cwd=str(spec.workdir),
                            log=str(log), distributed=spec.distributed == "ddp", retries=spec.retries)
         text = "\n".join([
