@@ -358,6 +358,8 @@ def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelle
     tail: deque[str] = deque(maxlen=400)
     seen: dict[int, int] = {}  # every process the job started (torchrun puts ranks in own sessions)
 
+    ended = threading.Event()  # set when the child exits, so the watcher stops at once
+
     def watch():  # note the job's processes; SIGKILL them if they ignore SIGTERM for too long
         while child.poll() is None:
             seen.update(_descendants(child.pid))
@@ -368,7 +370,7 @@ def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelle
                 except ProcessLookupError:
                     pass
                 return
-            time.sleep(0.5)
+            ended.wait(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -378,6 +380,7 @@ def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelle
         log.write(line)
         tail.append(line)
     rc = child.wait()
+    ended.set()
     watcher.join(timeout=5)  # it ends with the child; then `seen` no longer changes
     # If torchrun died first (killed, or signalled twice), its ranks may still be finishing a
     # preemption checkpoint: give them the grace period, then make sure none outlives the job.
