@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from torchcapsule._util import free_port
 from torchcapsule.serve.testing import MLP_CODE, write_mlp_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,12 +49,6 @@ class Broken(nn.Sequential):
 def build_broken(sizes=(64, 32, 10)):
     return Broken(*build_model(sizes))
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slow_model(dest: Path, delay: float, version: str = "slow") -> Path:

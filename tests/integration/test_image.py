@@ -18,15 +18,10 @@ from tests.conftest import EXAMPLE, run_capsule
 from tests.integration.image_fixtures import (  # noqa: F401  (fixtures)
     BASE_IMAGE, digits_dev_image, digits_slim_image, ensure_base_image,
 )
+from torchcapsule._util import free_port
 
 pytestmark = pytest.mark.integration
 HOST_UID = 4321
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def docker(*args, check=True, timeout=120):

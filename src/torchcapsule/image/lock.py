@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._util import sha256_file
 from ..errors import ImageError
 from . import wheelhouse
 from .spec import BuildSpec
@@ -44,7 +45,7 @@ def entry_for(path: Path) -> Entry:
     m = _WHEEL_RE.match(path.name)
     if not m:
         raise ImageError(f"{path.name}: not a wheel file name")
-    return Entry(canonical(m["name"]), m["version"], wheelhouse.sha256(path), path.name)
+    return Entry(canonical(m["name"]), m["version"], sha256_file(path), path.name)
 
 
 def inputs_hash(spec: BuildSpec, target: Target) -> str:
@@ -145,7 +146,7 @@ def _cache_index(cache: Path) -> dict[str, Path]:
     for f in cache.glob("*.whl") if cache.is_dir() else []:
         st = f.stat()
         key = f"{f.name}:{st.st_size}:{int(st.st_mtime)}"
-        digest = memo.get(key) or wheelhouse.sha256(f)
+        digest = memo.get(key) or sha256_file(f)
         new_memo[key] = digest
         out[digest] = f
     if cache.is_dir() and new_memo != memo:

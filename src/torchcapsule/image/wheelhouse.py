@@ -5,7 +5,6 @@ Effects: runs `pip download` on the host (the build itself reaches no package in
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -43,14 +42,6 @@ class Target:
 
 def cache_dir(root: Path) -> Path:
     return root / ".capsule" / "wheelhouse"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def index_args(torch_index: str | None) -> list[str]:

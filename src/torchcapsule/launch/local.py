@@ -19,7 +19,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
+from .._util import free_port
 from ..errors import BackendError, JobNotFound
 from .api import Backend, DryRun, JobSpec, JobState, JobStatus
 from ._proc import pid_alive
@@ -40,13 +40,6 @@ _PREEMPTED_LINE = "torchcapsule: preempted by signal"  # printed by torchcapsule
 
 
 # -- effects: probing the machine ---------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (the kernel picks it), for torchrun's c10d rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def visible_gpus() -> int:
     """GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`, else 0."""
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -1,10 +1,10 @@
 """sha256 of model files, verification, and the refusal of pickled content (no mlflow, no torch)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from .._util import sha256_file
 from ..errors import IntegrityError
 from .types import CHECKSUMS, MODEL_FILES, WEIGHTS
 
@@ -13,14 +13,6 @@ PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".ckpt",
 # The first bytes of a pickle stream: protocol 2+ starts with PROTO (0x80); zip-wrapped
 # torch.save files start with PK. A safetensors file starts with an 8-byte little-endian length.
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def digest_dir(model_dir: Path, files: tuple[str, ...] = MODEL_FILES) -> dict[str, str]:
@@ -102,8 +94,8 @@ def read_checksums(model_dir: Path) -> dict[str, str]:
     out = {}
     for line in path.read_text().splitlines():
         digest, _, name = line.strip().partition("  ")
-        if digest and name:
-            out[name] = digest
+        if digest and name:  # "*name" is sha256sum's binary-mode marker
+            out[name.lstrip("*")] = digest.lower()
     return out
 
 

@@ -6,7 +6,6 @@ metadata is separate from building the module so the server can describe a versi
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import itertools
 import json
@@ -15,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._util import sha256_file
 from ..errors import IntegrityError, ServeError
-
-WEIGHTS = "model.safetensors"
-CODE = "model.py"
-META = "meta.json"
-CHECKSUMS = "checksums.sha256"
+# The model directory contract (file names, checksum listing) is the registry's: one definition.
+from ..registry.checksums import read_checksums
+from ..registry.types import CODE, META, WEIGHTS
 
 _module_ids = itertools.count()
 
@@ -99,21 +97,8 @@ def expected_checksums(model: ModelDir) -> dict[str, str]:
     if isinstance(recorded, str):  # "sha256": "<hex>" for the weights alone
         recorded = {WEIGHTS: recorded}
     out = {str(k): str(v).removeprefix("sha256:").lower() for k, v in recorded.items()}
-    listing = model.path / CHECKSUMS
-    if listing.is_file():
-        for line in listing.read_text().splitlines():
-            digest, _, name = line.strip().partition("  ")
-            if digest and name:
-                out[name.lstrip("*")] = digest.lower()
+    out.update(read_checksums(model.path))
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_checksums(model: ModelDir) -> int:

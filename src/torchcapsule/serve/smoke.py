@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import json
 import time
 from pathlib import Path
 
+from .._util import free_port
 from ..errors import ServeError
 
 DIGITS_DATASETS = {"sklearn.datasets.load_digits", "sklearn-digits", "sklearn:digits"}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _argv(opts, port: int) -> list[str]:

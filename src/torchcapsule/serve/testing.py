@@ -31,7 +31,7 @@ def write_mlp_dir(dest: str | Path, sizes=(64, 32, 10), *, name: str = "digits",
     import torch
     from safetensors.torch import save_file
 
-    from .loader import sha256_file
+    from .._util import sha256_file
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
