@@ -127,7 +127,9 @@ def _wait_ready(client, proc, timeout: float) -> dict:
         if proc.poll() is not None:
             log = proc.stdout.read() if proc.stdout else ""
             last = [l for l in log.strip().splitlines() if l.strip()][-1:] or ["no output"]
-            raise ServeError(f"the server exited with {proc.returncode} before it was ready: {last[0]}")
+            # The server's own one-line error already names the cause and the fix: pass it on as is.
+            reason = last[0].removeprefix("error: ")
+            raise ServeError(f"the server exited with {proc.returncode} before it was ready: {reason}")
         try:
             r = client.get("/readyz")
             if r.status_code == 200:
