@@ -65,8 +65,10 @@ class BuildSpec:
 
     @property
     def tag(self) -> str:
-        repo = f"{self.registry.rstrip('/')}/{self.name}" if self.registry else self.name
-        return f"{repo}:{self.torch}-{self.cuda_tag}-py{self.python}-{self.flavor}"
+        from .tags import format_tag
+
+        return format_tag(self.name, torch=self.torch, cuda_tag=self.cuda_tag, python=self.python,
+                          flavor=self.flavor, registry=self.registry)
 
     @property
     def torch_requirement(self) -> str:
