@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
     amp = mixed_precision(info.device)
     ckpt = Checkpointer(model=ddp, optimizer=opt, scheduler=sched, scaler=amp.scaler, keep=args.keep)
-    metrics = MetricsLogger(rank=info.rank)
+    metrics = MetricsLogger(rank=info.rank, params=vars(args))  # + an MLflow run under `capsule run`
     stop = Preemption()
 
     step = 0

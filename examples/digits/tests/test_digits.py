@@ -33,6 +33,7 @@ def test_short_single_process_run_writes_model_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPSULE_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("CAPSULE_LOGS_DIR", str(tmp_path / "logs"))
     monkeypatch.setenv("CAPSULE_PROJECT", "digits")
+    monkeypatch.setenv("CAPSULE_TRACKING", "off")  # a unit test of the script, not a training to track
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     train.main(["--epochs", "5", "--hidden", "32", "--ckpt-every", "50"])

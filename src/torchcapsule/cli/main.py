@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run:run", "Run one stage on a backend (local, docker, slurm, kubernetes)."),
     "jobs": ("run:jobs", "List jobs, show status and logs, cancel."),
     "models": ("models:models", "Register, promote, list, show and pull model versions."),
+    "ui": ("ui:ui", "Open the MLflow UI on the project's training runs and models."),
     "serve": ("serve:serve", "Serve a model over HTTP with dynamic batching."),
     "pipeline": ("pipeline:pipeline", "Run the stages as a DAG; show run records."),
     "export": ("export:export", "Export schedules, CI workflows and deployments."),

@@ -40,7 +40,21 @@ def run(stage: str, file: str | None, backend_name: str, gpus: str | None, nodes
         click.echo(job_id)
         return 0
     click.echo(f"job {job_id}", err=True)
-    return _follow(backend, job_id, what=f"stage '{stage}'")
+    code = _follow(backend, job_id, what=f"stage '{stage}'")
+    _catch_up_tracking(project, spec)
+    return code
+
+
+def _catch_up_tracking(project, spec) -> None:
+    """Metrics the job could not send to MLflow itself are sent from here (see registry/tracking)."""
+    from ..registry import tracking
+
+    uri = spec.tracking.get("CAPSULE_TRACKING_URI")
+    if not uri:
+        return
+    for note in tracking.catch_up(spec.log_dir, uri, stages=[spec.stage],
+                                  artifact_location=spec.tracking.get("CAPSULE_TRACKING_ARTIFACTS") or None):
+        click.echo(f"note: {note}", err=True)
 
 
 def _follow(backend, job_id: str, *, what: str) -> int:

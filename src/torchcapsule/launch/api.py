@@ -72,6 +72,9 @@ class JobSpec:
     distributed: str = "none"  # "none" | "ddp"
     retries: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    # MLflow tracking of the job's metrics (CAPSULE_TRACKING_* of registry/tracking.py), host form:
+    # capsule_env maps an embedded store's path to where the job sees it.
+    tracking: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -44,4 +44,23 @@ def job_spec(project: Project, stage_name: str, *, gpus: str | int | None = None
         distributed=stage.distributed,
         retries=stage.retries,
         labels={"torchcapsule.project": project.name, "torchcapsule.stage": stage_name},
+        tracking=tracking_env(project, stage_name, image or project_tag(project)),
     )
+
+
+def tracking_env(project: Project, stage_name: str, image: str) -> dict[str, str]:
+    """What the job's MetricsLogger needs to track it in the project's MLflow store: the store,
+    its artifact root, and the run's lineage (command, git commit, image, lock hash)."""
+    import json
+
+    from ..registry import facts
+    from ..registry.store import artifact_root, tracking_uri
+
+    if project.stage(stage_name).env.get("CAPSULE_TRACKING") == "off":
+        return {}
+    uri = tracking_uri(project)
+    context = {"project": project.name, "stage": stage_name, "command": project.stage(stage_name).run,
+               "git_commit": facts.git_commit(project.root), "image_tag": image,
+               "lock_hash": facts.lock_hash(project)}
+    return {"CAPSULE_TRACKING_URI": uri, "CAPSULE_TRACKING_ARTIFACTS": artifact_root(project) or "",
+            "CAPSULE_TRACKING_CONTEXT": json.dumps(context, sort_keys=True)}

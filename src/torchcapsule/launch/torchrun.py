@@ -13,7 +13,7 @@ those facts plus a JobSpec into argv and env.
 from __future__ import annotations
 
 import os
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Mapping, Sequence
 
 from ..errors import BackendError, ConfigError
@@ -130,6 +130,28 @@ def capsule_env(spec: JobSpec, *, mounts: Mapping[str, str] | None = None) -> di
     for vol in ("data", "models", "logs", "workspace"):
         if vol in paths:
             env[f"CAPSULE_{vol.upper()}_DIR"] = str(paths[vol])
+    env.update(_tracking_env(spec, mounts))
+    return env
+
+
+def _tracking_env(spec: JobSpec, mounts: Mapping[str, str] | None) -> dict[str, str]:
+    """spec.tracking as the job sees it: an embedded SQLite store inside a mounted volume gets its
+    mounted path; one outside every volume cannot be reached from the job, so the job tracks
+    nothing live and its JSONL is synced from the host afterwards (a server URL passes as is)."""
+    env = dict(spec.tracking)
+    uri = env.get("CAPSULE_TRACKING_URI", "")
+    if mounts is None or not uri.startswith("sqlite:///"):
+        return env
+    db = Path(uri[len("sqlite:///"):])
+    for vol, host in spec.volumes.items():
+        try:
+            rel = db.relative_to(Path(host).resolve())
+        except ValueError:
+            continue
+        if vol in mounts:
+            env["CAPSULE_TRACKING_URI"] = f"sqlite:///{Path(mounts[vol]) / rel}"
+            return env
+    env.pop("CAPSULE_TRACKING_URI")
     return env
 
 

@@ -313,16 +313,18 @@ def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
     return {f"{prefix}{k}": (v if isinstance(v, str) else json.dumps(v))[:5000] for k, v in d.items()}
 
 
-def _experiment(client: "MlflowClient", project: "Project", store: str) -> str:
+def _experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:
+    """The project's experiment (named after it), created on first use; registrations and
+    training runs (registry/tracking.py) share it."""
     from mlflow.exceptions import MlflowException
 
-    exp = client.get_experiment_by_name(project.name)
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(project.name, artifact_location=artifact_root(project))
+        return client.create_experiment(name, artifact_location=artifact_location)
     except MlflowException:  # created by a concurrent writer (remote servers take no file lock)
-        exp = client.get_experiment_by_name(project.name)
+        exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
@@ -364,7 +366,7 @@ def register(project: "Project", model_dir: str | Path | None = None) -> ModelVe
         client = _client(store)
         import mlflow
 
-        exp_id = _experiment(client, project, store)
+        exp_id = _experiment(client, project.name, artifact_root(project))
         with mlflow.start_run(experiment_id=exp_id, run_name=f"register-{name}") as run:
             if params:
                 mlflow.log_params(params)
@@ -380,8 +382,36 @@ def register(project: "Project", model_dir: str | Path | None = None) -> ModelVe
                     pip_requirements=_requirements(machine["torch"]),
                     signature=_signature(meta),
                 )
-        mv = _new_version(client, name, info, run.info.run_id, version_tags)
+        training = _training_run(client, project, store)
+        if training:  # the version's source run is the training: the UI shows its curve
+            version_tags["capsule.training_run"] = training
+            client.set_tag(run.info.run_id, "capsule.training_run", training)
+        mv = _new_version(client, name, info, training or run.info.run_id, version_tags)
+        if training:
+            client.set_tag(training, "capsule.registered_version", f"{name}/{mv.version}")
         return _to_version(client.get_model_version(name, str(mv.version)))
+
+
+def _training_run(client: "MlflowClient", project: "Project", store: str) -> str | None:
+    """The MLflow run of the latest training logged in the logs volume, its pending metrics sent
+    first (they may have waited for a store that was down); None when there is none."""
+    from . import tracking
+
+    logs = sorted(project.volume_path("logs").glob("metrics-*.jsonl"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return None
+    latest = logs[-1]
+    try:  # the caller holds the store lock already
+        run_id = tracking.sync(latest, store, artifact_location=artifact_root(project), store_lock=False).run_id
+    except CapsuleError as e:
+        print(f"note: {latest}: its metrics were not sent ({e}); the version has no training run",
+              file=sys.stderr)
+        return None
+    try:
+        client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - a run of another store (the state file came from elsewhere)
+        return None
+    return run_id
 
 
 def _new_version(client: "MlflowClient", name: str, info: Any, run_id: str, tags: dict[str, str]) -> Any:

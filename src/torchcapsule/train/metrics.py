@@ -2,11 +2,19 @@
 
 Only rank 0 writes (every rank would log the same reduced values). The file is appended to, so
 a resumed run continues the same file after a `{"event": "resumed", "step": N}` line.
+
+Tracking: when the launcher set $CAPSULE_TRACKING_URI (every `capsule run`), rank 0 also starts
+a follower process (torchcapsule.registry.tracking) that sends the file's new lines to an MLflow
+run in batches. The training step only writes its line: it never waits on the store, and a store
+that is down just leaves the lines in the file for a later sync.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +27,53 @@ def default_metrics_path(stage: str | None = None) -> Path:
 
 
 class MetricsLogger:
-    def __init__(self, path: str | Path | None = None, *, rank: int | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, *, rank: int | None = None,
+                 tracking_uri: str | None = None, params: dict[str, Any] | None = None) -> None:
+        """tracking_uri: the MLflow store (default $CAPSULE_TRACKING_URI; "" or
+        $CAPSULE_TRACKING=off: none). params: logged as the run's params."""
         self.path = Path(path) if path is not None else default_metrics_path()
         self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self._fh = None
+        self._follower: subprocess.Popen | None = None
         if self.rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", buffering=1)  # line-buffered: tail -f works
+            uri = os.environ.get("CAPSULE_TRACKING_URI", "") if tracking_uri is None else tracking_uri
+            if uri and os.environ.get("CAPSULE_TRACKING", "on") != "off":
+                self._follower = self._start_follower(uri, params or {})
+
+    def _start_follower(self, uri: str, params: dict[str, Any]) -> subprocess.Popen | None:
+        try:
+            context = json.loads(os.environ.get("CAPSULE_TRACKING_CONTEXT") or "{}")
+        except ValueError:
+            context = {}
+        context.update({"world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                        "stage": os.environ.get("CAPSULE_STAGE", self.path.stem.removeprefix("metrics-"))})
+        context.setdefault("command", " ".join([os.path.basename(sys.executable), *sys.argv]))
+        if os.environ.get("CAPSULE_PROJECT"):
+            context["project"] = os.environ["CAPSULE_PROJECT"]
+        if params:
+            context["params"] = {str(k): str(v) for k, v in params.items()}
+        from ..registry.tracking import write_context  # stdlib only: no mlflow here
+
+        try:  # whichever sync opens the run (this follower, or the host's later) reads it
+            write_context(self.path, context)
+        except OSError:
+            pass
+        argv = [sys.executable, "-m", "torchcapsule.registry.tracking", "follow", str(self.path),
+                "--uri", uri, "--context", json.dumps(context, default=str)]
+        if os.environ.get("CAPSULE_TRACKING_ARTIFACTS"):
+            argv += ["--artifacts", os.environ["CAPSULE_TRACKING_ARTIFACTS"]]
+        log = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".tracking.log")
+        try:
+            with open(log, "a") as err:
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=err, start_new_session=True)
+        except OSError as e:  # no follower: the lines stay in the file for a later sync
+            print(f"torchcapsule: metrics tracking not started ({e}); {self.path} keeps them", file=sys.stderr)
+            return None
+        atexit.register(self.close)  # Preemption.exit() and plain returns flush the follower too
+        return proc
 
     def log(self, step: int, **values: Any) -> None:
         self._write({"step": step, "time": round(time.time(), 3), **values})
@@ -37,10 +85,24 @@ class MetricsLogger:
         if self._fh is not None:
             self._fh.write(json.dumps(record, default=_plain) + "\n")
 
-    def close(self) -> None:
+    def close(self, flush_timeout_s: float | None = None) -> None:
+        """Close the file; wait up to $CAPSULE_TRACKING_FLUSH_TIMEOUT s (default 30) for the
+        follower's last sync. A follower still busy then is left to finish on its own (it is in
+        its own session): killing it mid-write could leave a half-migrated SQLite store."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        proc, self._follower = self._follower, None
+        if proc is None:
+            return
+        timeout = float(os.environ.get("CAPSULE_TRACKING_FLUSH_TIMEOUT", "30")) if flush_timeout_s is None else flush_timeout_s
+        try:
+            proc.stdin.close()  # EOF: the follower does its last sync and exits
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"torchcapsule: metrics tracking still sending after {timeout:.0f}s; it finishes in "
+                  f"the background (pid {proc.pid}), and what it cannot send waits in {self.path}",
+                  file=sys.stderr)
 
     def __enter__(self) -> "MetricsLogger":
         return self

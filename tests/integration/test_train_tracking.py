@@ -1,0 +1,280 @@
+"""Training runs in a real MLflow store: the digits training through `capsule run` becomes one run
+with its curve, params and lineage, and `capsule models register` links the version to it; a
+restarted logger continues the same run at its step; a store that is down never fails training
+and what it missed arrives once it is back (`capsule ui` serves the store over HTTP)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ..conftest import REPO, missing_part, run_capsule
+from .train_support import capsule, example_copy
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def mlflow_installed():
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        missing_part("mlflow is not installed; pip install -e '.[registry]'")
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _records(jsonl: Path) -> list[dict]:
+    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_REGISTRY_URI": "",
+           "PYTHONPATH": str(REPO / "src")}
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, mlflow_installed):
+    """The digits example trained for 3 epochs with `capsule run train` (2 DDP ranks) in a git
+    checkout, then registered: (project dir, store URI, training run id, `models register` JSON)."""
+    tmp_path = tmp_path_factory.mktemp("tracked")
+    proj = example_copy(tmp_path, epochs=3)
+    git = ["git", "-C", str(proj), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(proj)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "digits"], check=True)
+    r = capsule(proj, tmp_path, "run", "train", timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_id = json.loads((proj / "logs" / "metrics-train.mlflow.json").read_text())["run_id"]
+    r = run_capsule("models", "register", "--json", cwd=proj, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    return proj, f"sqlite:///{proj}/.capsule/mlflow.db", run_id, json.loads(r.stdout)
+
+
+def test_digits_training_is_one_run_with_curve_lineage_and_source_version(digits):
+    proj, uri, run_id, registered = digits
+    client = _client(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    tags, params = run.data.tags, run.data.params
+    assert tags["capsule.kind"] == "training" and tags["capsule.stage"] == "train"
+    assert tags["capsule.command"] == "train.py --epochs 3"
+    assert tags["capsule.world_size"] == "2" and params["world_size"] == "2"
+    assert tags["capsule.image_tag"].startswith("torchcapsule/digits:")
+    assert len(tags["capsule.lock_hash"]) == 64 and len(tags["mlflow.source.git.commit"]) == 40
+    assert params["epochs"] == "3" and params["lr"] == "0.002"
+    # one point per logged step: the MLflow history is the JSONL's curve, exactly
+    logged = [(rec["step"], rec["loss"]) for rec in _records(proj / "logs" / "metrics-train.jsonl") if "loss" in rec]
+    assert len(logged) == 3
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert history == logged
+    # the version's source run is the training, and the training names its version
+    assert registered["run_id"] == run_id
+    assert client.get_run(run_id).data.tags["capsule.registered_version"] == f"digits/{registered['version']}"
+
+
+_LOGGER = textwrap.dedent("""
+    import sys
+    from torchcapsule.train import MetricsLogger
+    path, uri, first, last, event = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    m = MetricsLogger(path, rank=0, tracking_uri=uri, params={"lr": 0.1})
+    m.event(event, first - 1)
+    for step in range(first, last + 1):
+        m.log(step, loss=1.0 / step)
+    m.event("finished", last)
+    m.close()
+""")
+
+
+def _train(tmp_path: Path, jsonl: Path, uri: str, first: int, last: int, event: str, **env: str):
+    script = tmp_path / "train_stub.py"
+    script.write_text(_LOGGER)
+    # a fresh SQLite store's migrations take tens of seconds on a loaded 2-core machine: the
+    # follower gets all the time it needs to finish before close() returns
+    env = {"CAPSULE_TRACKING_FLUSH_TIMEOUT": "300", **env}
+    r = subprocess.run([sys.executable, str(script), str(jsonl), uri, str(first), str(last), event],
+                       env=_env(**env), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_resumed_training_continues_the_same_run_at_its_step(tmp_path, mlflow_installed):
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    jsonl = tmp_path / "logs" / "metrics-train.jsonl"
+    _train(tmp_path, jsonl, uri, 1, 20, "started")
+    first = json.loads((tmp_path / "logs" / "metrics-train.mlflow.json").read_text())["run_id"]
+    _train(tmp_path, jsonl, uri, 21, 40, "resumed")
+    state = json.loads((tmp_path / "logs" / "metrics-train.mlflow.json").read_text())
+    assert state["run_id"] == first and state["offset"] == jsonl.stat().st_size
+    client = _client(uri)
+    assert [m.step for m in sorted(client.get_metric_history(first, "loss"), key=lambda m: m.step)] == list(range(1, 41))
+    assert client.get_run(first).info.status == "FINISHED"
+    # a new training ("started") is a new run
+    _train(tmp_path, jsonl, uri, 1, 5, "started")
+    second = json.loads((tmp_path / "logs" / "metrics-train.mlflow.json").read_text())["run_id"]
+    assert second != first and len(client.get_metric_history(second, "loss")) == 5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_store_down_never_fails_training_and_catches_up_when_back(tmp_path, mlflow_installed):
+    from torchcapsule.registry import tracking
+
+    port = _free_port()
+    server = f"http://127.0.0.1:{port}"
+    jsonl = tmp_path / "logs" / "metrics-train.jsonl"
+    # nothing listens on the port: the follower fails, backs off, and gives up at close
+    _train(tmp_path, jsonl, server, 1, 50, "started", CAPSULE_TRACKING_FLUSH_TIMEOUT="5",
+           CAPSULE_REGISTRY_PROBE_TIMEOUT="1")
+    assert len(_records(jsonl)) == 52  # the JSONL has everything
+    assert tracking.pending_bytes(jsonl) == jsonl.stat().st_size
+    assert "cannot reach MLflow tracking server" in (tmp_path / "logs" / "metrics-train.tracking.log").read_text()
+
+    # the store comes back: `capsule ui` serves the project's embedded store on that port
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "capsule.yaml").write_text("name: stub\nstages:\n  train: {run: python train.py}\n")
+    ui = subprocess.Popen([sys.executable, "-m", "torchcapsule.cli.main", "ui", "--port", str(port)],
+                          cwd=proj, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ui.stdout.readline()
+        assert line.startswith(f"MLflow UI: {server}"), line + ui.stderr.read()
+        notes = tracking.catch_up(tmp_path / "logs", server)
+        assert notes == []
+        run_id = tracking.run_id_of(jsonl)
+        assert [s for s, _ in tracking.metric_history(server, run_id, "loss")] == list(range(1, 51))
+        assert tracking.pending_bytes(jsonl) == 0
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=60) == 0
+    assert "MLflow UI stopped" in ui.stdout.read()
+    with pytest.raises(OSError):  # the server went with it
+        import socket
+
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_tracking_off_starts_no_follower(tmp_path, mlflow_installed):
+    jsonl = tmp_path / "logs" / "metrics-train.jsonl"
+    _train(tmp_path, jsonl, f"sqlite:///{tmp_path}/db.sqlite", 1, 3, "started", CAPSULE_TRACKING="off")
+    assert not (tmp_path / "logs" / "metrics-train.mlflow.json").exists()
+    assert not (tmp_path / "db.sqlite").exists()
+
+
+# -- the UI, in a real browser ------------------------------------------------------------------
+ARTIFACTS = Path(os.environ.get("CAPSULE_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+@pytest.fixture()
+def browser():
+    """Debian's headless chromium driven by Selenium (scripts/install-system.sh, the dev extra)."""
+    try:
+        from selenium import webdriver
+    except ImportError:
+        missing_part("selenium is not installed; pip install -e '.[dev]'")
+    import shutil
+
+    chromium = shutil.which("chromium")
+    driver_bin = shutil.which("chromedriver")
+    if not (chromium and driver_bin):
+        missing_part("chromium/chromedriver not on PATH; run scripts/install-system.sh")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_bin))
+    driver.set_page_load_timeout(120)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture()
+def ui(digits):
+    proc = subprocess.Popen([sys.executable, "-m", "torchcapsule.cli.main", "ui", "--port", "0"],
+                            cwd=digits[0], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("MLflow UI: http://127.0.0.1:"):
+        proc.kill()
+        pytest.fail(f"capsule ui did not start: {line}{proc.stderr.read()}")
+    yield line.split()[2]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    assert proc.wait(timeout=60) == 0
+
+
+def _wait(driver, what: str, cond, timeout: float = 120):
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.25).until(lambda d: cond(d))
+    except TimeoutException:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "ui-timeout.png"))
+        raise AssertionError(f"the MLflow UI never showed {what} (see {ARTIFACTS / 'ui-timeout.png'}); "
+                             f"page text: {driver.find_element('tag name', 'body').text[:1500]}") from None
+
+
+def _not_uniform(png: bytes) -> bool:
+    from PIL import Image
+    import io
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    lo, hi = zip(*img.getextrema())
+    return len(img.getcolors(maxcolors=1 << 20) or ()) > 16 and any(h - l > 64 for l, h in zip(lo, hi))
+
+
+def test_champion_version_and_its_training_curve_in_a_real_browser(digits, ui, browser):
+    proj, uri, run_id, registered = digits
+    r = run_capsule("models", "promote", "digits", registered["version"], "--alias", "champion",
+                    cwd=proj, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    client = _client(uri)
+    version = client.get_model_version_by_alias("digits", "champion")
+    assert version.run_id == run_id
+    # the champion's page links to its source run: the training
+    browser.get(f"{ui}/#/models/digits/versions/{version.version}")
+    link = _wait(browser, "a link to the source run", lambda d: [
+        a for a in d.find_elements("css selector", "a") if run_id in (a.get_attribute("href") or "")])
+    exp_id = client.get_run(run_id).info.experiment_id
+    # the training run's metric charts: the loss curve, drawn
+    browser.get(f"{ui}/#/experiments/{exp_id}/runs/{run_id}/model-metrics")
+    _wait(browser, "the loss chart", lambda d: "loss" in d.find_element("tag name", "body").text)
+
+    def drawn(d):
+        for el in d.find_elements("css selector", "svg.main-svg, canvas"):
+            size = el.size
+            inner = d.execute_script(
+                "const e = arguments[0]; return e.tagName === 'CANVAS' ? e.width * e.height : "
+                "e.querySelectorAll('path.js-line, g.trace path, path.point').length", el)
+            if size["width"] > 100 and size["height"] > 100 and inner:
+                return el
+        return None
+
+    chart = _wait(browser, "a drawn metric chart (svg trace / canvas)", drawn)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "mlflow-ui-training-run.png"
+    browser.save_screenshot(str(shot))
+    assert _not_uniform(shot.read_bytes())
+    assert _not_uniform(chart.screenshot_as_png)  # the chart itself, not just the page around it
+    assert link  # the version page's source-run link, checked above
+    # through MLflow's client: one point per logged step
+    steps = [rec["step"] for rec in _records(proj / "logs" / "metrics-train.jsonl") if "loss" in rec]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == steps
