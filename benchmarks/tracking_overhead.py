@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "examples" / "digits"))
+from torchcapsule._util import free_port  # noqa: E402  (after the path is set)
 
 
 def train(jsonl: Path, uri: str, epochs: int) -> dict[str, float]:
@@ -77,12 +77,6 @@ def run_child(jsonl: Path, uri: str, epochs: int, env: dict) -> dict[str, float]
     if r.returncode != 0:
         raise SystemExit(f"training failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 set -euo pipefail
 need=()
 # chromium + chromium-driver: the headless browser the MLflow UI test drives (Selenium)
-for pkg in docker.io mmdebstrap slurm-wlm munge openssh-server openssh-client wrk procps chromium chromium-driver; do
+for pkg in docker.io mmdebstrap slurm-wlm munge openssh-server openssh-client wrk procps docker-registry iproute2 curl chromium chromium-driver; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -126,18 +126,12 @@ def test_resumed_training_continues_the_same_run_at_its_step(tmp_path, mlflow_in
     assert second != first and len(client.get_metric_history(second, "loss")) == 5
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_store_down_never_fails_training_and_catches_up_when_back(tmp_path, mlflow_installed):
     from torchcapsule.registry import tracking
 
-    port = _free_port()
+    from torchcapsule._util import free_port
+
+    port = free_port()
     server = f"http://127.0.0.1:{port}"
     jsonl = tmp_path / "logs" / "metrics-train.jsonl"
     # nothing listens on the port: the follower fails, backs off, and gives up at close

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._util import free_port
 from ..errors import RegistryError
 from .store import artifact_root, is_remote, sqlite_path, tracking_uri
 
 if TYPE_CHECKING:
     from ..config import Project
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def server_argv(uri: str, artifacts: str | None, host: str, port: int) -> list[str]:
