@@ -66,6 +66,15 @@ def slurm_multinode() -> dict[str, str]:
     return {"SLURM_CONF": MULTINODE_CONF}
 
 
+@pytest.fixture(scope="session")
+def mlflow_installed() -> None:
+    """MLflow importable here (the registry and tracking tests use the real store)."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        missing_part("mlflow is not installed; pip install -e '.[registry]'")
+
+
 def run_capsule(*args: str, cwd: Path | str | None = None, env: dict | None = None,
                 timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     """Run the real `capsule` CLI in a subprocess (as a user would)."""

@@ -23,14 +23,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def mlflow_installed():
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        missing_part("mlflow is not installed; pip install -e '.[registry]'")
-
-
-@pytest.fixture(scope="module")
 def store(tmp_path_factory, mlflow_installed):
     """A project whose model was trained for real, registered once (v1, promoted to champion)."""
     root = tmp_path_factory.mktemp("reg") / "proj"

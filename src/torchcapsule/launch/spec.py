@@ -4,7 +4,7 @@ from __future__ import annotations
 import shlex
 
 from ..config import GpuRequest, Project, parse_gpus
-from ..errors import ConfigError
+from ..errors import ConfigError, ImageError
 from .api import JobSpec
 
 
@@ -62,5 +62,13 @@ def tracking_env(project: Project, stage_name: str, image: str) -> dict[str, str
     context = {"project": project.name, "stage": stage_name, "command": project.stage(stage_name).run,
                "git_commit": facts.git_commit(project.root), "image_tag": image,
                "lock_hash": facts.lock_hash(project)}
+    try:  # the image's registry digest, when `capsule image push` recorded one
+        from ..image.push import pinned
+
+        pushed = pinned(project.root, project.image.flavor)
+    except ImageError:  # an unreadable record: lineage without the digest
+        pushed = None
+    if pushed is not None:
+        context["image_digest"] = pushed.pinned
     return {"CAPSULE_TRACKING_URI": uri, "CAPSULE_TRACKING_ARTIFACTS": artifact_root(project) or "",
             "CAPSULE_TRACKING_CONTEXT": json.dumps(context, sort_keys=True)}

@@ -44,7 +44,7 @@ def _ready(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
 
 
 def serve(project: "Project", *, host: str = "127.0.0.1", port: int | None = 5000,
-          echo: Callable[[str], None] = print, start_timeout_s: float = 180.0) -> int:
+          echo: Callable[[str], None] = print, start_timeout_s: float | None = None) -> int:
     """Run the UI until Ctrl-C/SIGTERM (exit 0); a remote tracking server is printed instead."""
     uri = tracking_uri(project)
     if is_remote(uri):
@@ -70,6 +70,8 @@ def serve(project: "Project", *, host: str = "127.0.0.1", port: int | None = 500
     def stop(signum, frame):  # SIGTERM like Ctrl-C: stop the server's whole process group
         raise KeyboardInterrupt
 
+    if start_timeout_s is None:  # MLflow's server takes seconds, minutes on a loaded machine
+        start_timeout_s = float(os.environ.get("CAPSULE_UI_START_TIMEOUT", "600"))
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         if not _ready(url, proc, start_timeout_s):
