@@ -71,11 +71,11 @@ def main(argv=None) -> None:
 
     step = 0
     resumed = ckpt.resume(map_location=info.device)
-    if resumed:
+    if resumed:  # ckpt.resumed_from: the checkpoint actually loaded (never claimed when starting at 0)
         step = resumed["step"]
-        metrics.event("resumed", step, checkpoint=str(ckpt.latest()))
+        metrics.event("resumed", step, checkpoint=str(ckpt.resumed_from))
         if info.is_main:
-            print(f"resumed from step {step} ({ckpt.latest()})", flush=True)
+            print(f"resumed from step {step} ({ckpt.resumed_from})", flush=True)
     else:
         metrics.event("started", 0, world_size=info.world_size, precision=amp.mode)
     if info.is_main:
