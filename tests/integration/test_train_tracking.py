@@ -244,17 +244,16 @@ def test_champion_version_and_its_training_curve_in_a_real_browser(digits, ui, b
     browser.get(f"{ui}/#/experiments/{exp_id}/runs/{run_id}/model-metrics")
     _wait(browser, "the loss chart", lambda d: "loss" in d.find_element("tag name", "body").text)
 
-    def drawn(d):
-        for el in d.find_elements("css selector", "svg.main-svg, canvas"):
-            size = el.size
-            inner = d.execute_script(
+    def drawn(d):  # MLflow 3's charts are plotly: an svg plot whose trace is a path.js-line
+        for el in d.find_elements("css selector", ".js-plotly-plot, canvas"):
+            lines = d.execute_script(
                 "const e = arguments[0]; return e.tagName === 'CANVAS' ? e.width * e.height : "
-                "e.querySelectorAll('path.js-line, g.trace path, path.point').length", el)
-            if size["width"] > 100 and size["height"] > 100 and inner:
+                "Array.from(e.querySelectorAll('path.js-line')).filter(p => (p.getAttribute('d') || '').length > 10).length", el)
+            if el.size["width"] > 100 and el.size["height"] > 100 and lines:
                 return el
         return None
 
-    chart = _wait(browser, "a drawn metric chart (svg trace / canvas)", drawn)
+    chart = _wait(browser, "a drawn loss chart (plotly svg trace / canvas)", drawn)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "mlflow-ui-training-run.png"
     browser.save_screenshot(str(shot))

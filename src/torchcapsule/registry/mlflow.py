@@ -410,9 +410,13 @@ def _training_run(client: "MlflowClient", project: "Project", store: str) -> str
         print(f"note: {latest}: its metrics were not sent ({e}); the version has no training run",
               file=sys.stderr)
         return None
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_run(run_id)
-    except Exception:  # noqa: BLE001 - a run of another store (the state file came from elsewhere)
+    except MlflowException:  # a run of another store (the state file came from elsewhere)
         return None
     return run_id
 
