@@ -202,6 +202,9 @@ def build(spec: BuildSpec, project_root: Path, *, torch_index: str | None = None
         "io.torchcapsule.python.full": python_full,
         "io.torchcapsule.lock.sha256": lock_hash,
     }
+    # cuDNN and NCCL come from torch's nvidia-* wheels: their versions are the lock's.
+    _, entries = lockmod.parse_lock((project_root / lockmod.LOCK).read_text())
+    labels.update({f"io.torchcapsule.{k}": v for k, v in lockmod.cuda_components(entries).items()})
     revision = _git_revision(project_root)
     if revision:
         labels["org.opencontainers.image.revision"] = revision
