@@ -132,7 +132,7 @@ def docker_build(ctx: Path, tag: str, labels: dict[str, str], *, dockerfile: str
         cmd.append(str(ctx))
         tail: deque[str] = deque(maxlen=40)
         step = ""
-        log = open(log_path, "w") if log_path else None
+        log = open(log_path, "w", buffering=1) if log_path else None  # line-buffered: tail -f works
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             assert proc.stdout is not None
