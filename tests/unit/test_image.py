@@ -351,3 +351,9 @@ def test_compilers_are_a_choice_in_capsule_yaml(project):
     assert not eager.needs_compiler and "g++" not in _df(eager)
     assert "g++" in _df(resolve(with_compilers(True), flavor="slim"))
     assert parse_project("name: x\nimage: {compilers: false}\n", Path("capsule.yaml")).image.compilers is False
+
+
+def test_an_empty_torch_index_variable_is_as_if_unset(tmp_path, monkeypatch):
+    monkeypatch.setenv(wheelhouse.TORCH_INDEX_ENV, "")
+    with pytest.raises(ImageError, match="^x http://127.0.0.1:9/"):
+        wheelhouse.index_args("http://127.0.0.1:9/", refuse="x {index}")

@@ -57,7 +57,7 @@ def index_args(torch_index: str | None, *, refuse: str | None = None) -> list[st
     version (torch==X+cpu / +cuXXX) still cannot be satisfied by a different build. With
     `refuse` (a one-line error with an {index} field), an index that does not answer is an
     error instead: the build needs that index and nothing else has it."""
-    index = os.environ.get(TORCH_INDEX_ENV, torch_index)
+    index = os.environ.get(TORCH_INDEX_ENV) or torch_index  # set but empty: as if unset
     if not index or index == "none":
         return []
     if not _reachable(index):
