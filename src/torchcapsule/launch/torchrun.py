@@ -130,6 +130,8 @@ def capsule_env(spec: JobSpec, *, mounts: Mapping[str, str] | None = None) -> di
     for vol in ("data", "models", "logs", "workspace"):
         if vol in paths:
             env[f"CAPSULE_{vol.upper()}_DIR"] = str(paths[vol])
+    if mounts is not None:  # in the project image: lineage records which (registry.facts.running_image)
+        env["CAPSULE_IMAGE"] = spec.image
     return env
 
 
@@ -166,13 +168,17 @@ def failed_rank(torchrun_output: str) -> tuple[int, int] | None:
     """
     import re
 
-    root = torchrun_output.rfind("Root Cause")
-    text = torchrun_output[root:] if root >= 0 else torchrun_output
-    m_rank = re.search(r"^\s*rank\s*:\s*(\d+)", text, re.M)
-    m_code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)", text, re.M)
-    if not (m_rank and m_code):
-        return None
-    return int(m_rank.group(1)), int(m_code.group(1))
+    # Several nodes: one summary per node, lines prefixed by srun --label ("1: "). The root cause
+    # is a rank that exited by itself, not one killed (negative code) when the job was torn down.
+    found = None
+    for text in torchrun_output.split("Root Cause")[1:] or [torchrun_output]:
+        m_rank = re.search(r"^(?:\d+: )?\s*rank\s*:\s*(\d+)", text, re.M)
+        m_code = re.search(r"^(?:\d+: )?\s*exitcode\s*:\s*(-?\d+)", text, re.M)
+        if m_rank and m_code:
+            here = int(m_rank.group(1)), int(m_code.group(1))
+            if found is None or (found[1] < 0 <= here[1]):
+                found = here
+    return found
 
 
 def shell_exit_code(code: int) -> int:
