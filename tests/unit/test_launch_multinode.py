@@ -43,7 +43,7 @@ KILLED_LATER = """\
 
 
 def test_labelled_summary_of_the_failing_node_gives_its_rank_and_code():
-    assert failed_rank(TWO_NODES)[:2] == (3, 7)
+    assert failed_rank(TWO_NODES) == (3, 7, "capsule-mn2")
 
 
 def test_a_rank_killed_in_the_teardown_is_not_the_root_cause():

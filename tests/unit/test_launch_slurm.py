@@ -157,7 +157,7 @@ def test_status_recovers_the_failing_ranks_code_from_torchruns_summary():
     log = ("[rank1]:boom\n  Root Cause (first observed failure):\n  [0]:\n    time      : x\n"
            "    host      : localhost\n    rank      : 1 (local_rank: 1)\n    exitcode  : 3 (pid: 7)\n")
     st = status_of({"JobState": "FAILED", "ExitCode": "1:0"}, "slurm:9", log)
-    assert st.exit_code == 3 and "rank 1 exited with 3" in st.reason
+    assert st.exit_code == 3 and "rank 1 on localhost exited with 3" in st.reason
 
 
 def test_bad_job_id_is_job_not_found(project):

@@ -158,8 +158,8 @@ def stage_env(
     return env
 
 
-def failed_rank(torchrun_output: str) -> tuple[int, int] | None:
-    """(rank, exitcode) of the root-cause failure in torchrun's error summary, if it printed one.
+def failed_rank(torchrun_output: str) -> tuple[int, int, str | None] | None:
+    """(rank, exitcode, host) of the root-cause failure in torchrun's error summary, if it printed one.
 
     torchrun exits 1 whatever the rank's code was; this recovers the real code:
         rank      : 1 (local_rank: 1)
@@ -174,8 +174,9 @@ def failed_rank(torchrun_output: str) -> tuple[int, int] | None:
     for text in torchrun_output.split("Root Cause")[1:] or [torchrun_output]:
         m_rank = re.search(r"^(?:\d+: )?\s*rank\s*:\s*(\d+)", text, re.M)
         m_code = re.search(r"^(?:\d+: )?\s*exitcode\s*:\s*(-?\d+)", text, re.M)
+        m_host = re.search(r"^(?:\d+: )?\s*host\s*:\s*(\S+)", text, re.M)
         if m_rank and m_code:
-            here = int(m_rank.group(1)), int(m_code.group(1))
+            here = int(m_rank.group(1)), int(m_code.group(1)), m_host.group(1) if m_host else None
             if found is None or (found[1] < 0 <= here[1]):
                 found = here
     return found
