@@ -49,6 +49,23 @@ def slurm_cluster() -> None:
         missing_part("slurmctld/slurmd not answering `sinfo`; run scripts/start-services.sh")
 
 
+MULTINODE_CONF = "/etc/slurm-mn/slurm.conf"
+
+
+@pytest.fixture(scope="session")
+def slurm_multinode() -> dict[str, str]:
+    """The two-node Slurm cluster (scripts/slurm-multinode.sh, started by start-services.sh):
+    returns the environment that selects it (SLURM_CONF)."""
+    require_command("sbatch", "run scripts/install-system.sh")
+    env = {**os.environ, "SLURM_CONF": MULTINODE_CONF}
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, env=env)
+    up = [ln for ln in r.stdout.splitlines() if ln.split()[-1].rstrip("*") in ("idle", "mixed", "allocated", "completing")]
+    if r.returncode != 0 or len(up) < 2:
+        missing_part(f"the multi-node Slurm cluster ({MULTINODE_CONF}) has fewer than 2 nodes up "
+                     f"({r.stdout.strip() or r.stderr.strip()}); run scripts/start-services.sh")
+    return {"SLURM_CONF": MULTINODE_CONF}
+
+
 def run_capsule(*args: str, cwd: Path | str | None = None, env: dict | None = None,
                 timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     """Run the real `capsule` CLI in a subprocess (as a user would)."""
