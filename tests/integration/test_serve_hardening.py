@@ -76,3 +76,4 @@ def test_pickled_weights_name_the_file(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "model.safetensors is not safetensors" in r.stderr and "pickle" in r.stderr
+
