@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# Starts the real parts the integration tests use: a Docker engine and a single-node Slurm
-# cluster (with munge). Idempotent: what already answers is left alone. Needs root.
+# Starts the real parts the integration tests use: a Docker engine, a single-node Slurm
+# cluster (with munge), a local container registry and a multi-node Slurm cluster in network
+# namespaces (scripts/start-registry.sh, scripts/slurm-multinode.sh). Idempotent: what already answers is left alone. Needs root.
 set -euo pipefail
 LOGDIR=${CAPSULE_SERVICE_LOGS:-/tmp/capsule-services}
 mkdir -p "$LOGDIR"
 
-wait_for() {  # wait_for SECONDS CMD...
-  local t=$1; shift
-  for _ in $(seq 1 "$t"); do "$@" >/dev/null 2>&1 && return 0; sleep 1; done
-  return 1
-}
+# shellcheck source=slurm-common.sh
+. "$(dirname "$0")/slurm-common.sh"
 
 # -- Docker engine: no bridge, host networking only (see ../shared/ENVIRONMENT.md) ----------
 if ! docker info >/dev/null 2>&1; then
@@ -29,17 +27,7 @@ wait_for 20 munge -n
 CPUS=$(nproc)
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
-cat >/etc/slurm/slurm.conf <<CONF
-ClusterName=capsule
-SlurmctldHost=localhost
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-SlurmUser=root
-SlurmdUser=root
-ReturnToService=2
+{ printf 'ClusterName=capsule\nSlurmctldHost=localhost\n'; slurm_common_conf; cat <<CONF
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
@@ -53,6 +41,7 @@ MinJobAge=300
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
+} >/etc/slurm/slurm.conf
 if ! pgrep -x slurmctld >/dev/null; then nohup slurmctld -D >"$LOGDIR/slurmctld.log" 2>&1 & fi
 if ! pgrep -x slurmd >/dev/null; then nohup slurmd -D -N localhost >"$LOGDIR/slurmd.log" 2>&1 & fi
 wait_for 60 sinfo || { echo "slurmctld did not answer"; tail -20 "$LOGDIR/slurmctld.log"; exit 1; }
@@ -61,3 +50,10 @@ scontrol update NodeName=localhost State=RESUME >/dev/null 2>&1 || true
 wait_for 60 bash -c '[ "$(sinfo -h -o %T | head -1)" = idle ] || [ "$(sinfo -h -o %T | head -1)" = mixed ]' \
   || { echo "slurm node not idle: $(sinfo -h -o '%T %E')"; tail -20 "$LOGDIR/slurmd.log"; exit 1; }
 echo "slurm: $(sinfo -h -o '%P %D %T')"
+
+# -- a local container registry for `capsule image push` (127.0.0.1:5070, :5071 with auth) -----
+bash "$(dirname "$0")/start-registry.sh"
+
+# -- a second, multi-node Slurm cluster (SLURM_CONF=/etc/slurm-mn/slurm.conf): two slurmd
+#    "nodes" in their own network namespaces; the single-node one above stays as it is --------
+bash "$(dirname "$0")/slurm-multinode.sh" up

@@ -71,11 +71,11 @@ def main(argv=None) -> None:
 
     step = 0
     resumed = ckpt.resume(map_location=info.device)
-    if resumed:
+    if resumed:  # ckpt.resumed_from: the checkpoint actually loaded (never claimed when starting at 0)
         step = resumed["step"]
-        metrics.event("resumed", step, checkpoint=str(ckpt.latest()))
+        metrics.event("resumed", step, checkpoint=str(ckpt.resumed_from))
         if info.is_main:
-            print(f"resumed from step {step} ({ckpt.latest()})", flush=True)
+            print(f"resumed from step {step} ({ckpt.resumed_from})", flush=True)
     else:
         metrics.event("started", 0, world_size=info.world_size, precision=amp.mode)
     if info.is_main:
@@ -127,7 +127,7 @@ def save_model_dir(model, args, kwargs, acc: float, step: int) -> Path:
     """<models>/<name>/: model.safetensors + model.py + meta.json (the model directory contract)."""
     from safetensors.torch import save_model
 
-    from torchcapsule.registry.facts import machine_facts
+    from torchcapsule.registry.facts import machine_facts, running_image
 
     models = Path(os.environ.get("CAPSULE_MODELS_DIR", HERE / "models"))
     out = models / args.name
@@ -148,6 +148,8 @@ def save_model_dir(model, args, kwargs, acc: float, step: int) -> Path:
         "dataset": "sklearn.datasets.load_digits",
         # The training machine's stack, recorded where it trained (the registry keeps it).
         "machine": machine_facts(),
+        # The image it trained in (by digest when pushed), or "not in the image" on the host.
+        "image": running_image(),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():  # replace the previous model only once the new one is complete

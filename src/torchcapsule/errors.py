@@ -9,6 +9,8 @@
     ├── RegistryError            the model registry refused or cannot be reached
     │   └── IntegrityError       a weight file does not match its recorded checksum
     ├── ServeError               the inference service cannot start
+    ├── CheckpointError          a checkpoint directory is full or unwritable
+    │   └── CheckpointBusy       another run holds the checkpoint directory's lock
     └── PipelineError            the stage graph is invalid or a stage failed
 
 The CLI prints `error: <message>` for any CapsuleError and exits with `exit_code`
@@ -57,6 +59,14 @@ class IntegrityError(RegistryError):
 
 
 class ServeError(CapsuleError):
+    pass
+
+
+class CheckpointError(CapsuleError):
+    pass
+
+
+class CheckpointBusy(CheckpointError):
     pass
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from torchcapsule.train import read_metrics
 
-from .train_support import capsule, checkpoints, example_copy, wait_for
+from .train_support import capsule, checkpoints, example_copy, running, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -18,14 +18,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def _job_id(r) -> str:
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _events(project, name):
@@ -65,7 +57,7 @@ def test_sigterm_saves_checkpoint_and_next_run_resumes(tmp_path):
     log = capsule(project, tmp_path, "jobs", "logs", job).stdout
     assert st["state"] == "CANCELLED" and st["exit_code"] == 75, f"{st}\n{log[-4000:]}"
     for f in (project / "logs" / "pids").glob("rank-*.pid"):  # no rank outlives its job
-        assert not _running(int(f.read_text())), f.name
+        assert not running(int(f.read_text())), f.name
     preempted = _events(project, "preempted")
     assert len(preempted) == 1
     step = preempted[0]["step"]
@@ -122,7 +114,7 @@ def test_killed_launcher_leaves_no_rank_behind(tmp_path):
              == "FAILED", 60, "the job to fail")
     st = json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)
     assert st["exit_code"] == 137, st
-    wait_for(lambda: not [p for p in ranks if _running(p)], 10, "the orphaned ranks to be killed")
+    wait_for(lambda: not [p for p in ranks if running(p)], 10, "the orphaned ranks to be killed")
 
 
 def test_non_ddp_stage_is_retried(tmp_path):

@@ -50,3 +50,12 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
 def checkpoints(project: Path) -> list[str]:
     d = project / "models" / ".checkpoints" / "digits-train"
     return sorted(p.name for p in d.glob("ckpt-*")) if d.is_dir() else []
+
+
+def running(pid: int) -> bool:
+    """A live process (a zombie waiting to be reaped is not running)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

@@ -1,4 +1,4 @@
-"""`capsule image render|lock|lint|build` and `capsule dev`."""
+"""`capsule image render|lock|lint|build|push` and `capsule dev`."""
 from __future__ import annotations
 
 import functools
@@ -151,6 +151,30 @@ def build(file, torch, cuda, python, flavor, base, torch_index, verbose, as_json
     else:
         con.print(f"[green]built[/] {res.tag} ({res.image_id[:19]}) size {res.size_bytes / 1e9:.2f} GB "
                   f"in {res.seconds:.0f} s")
+
+
+@image.command()
+@file_option
+@override_options
+@click.option("--registry", default=None, metavar="HOST/PREFIX",
+              help="Registry repository prefix, e.g. 127.0.0.1:5070/acme (default: image.registry).")
+@click.option("--latest", is_flag=True, help="Also move the latest-<flavor> tag to this image.")
+@json_option
+def push(file, torch, cuda, python, flavor, base, registry, latest, as_json) -> None:
+    """Push the built image and record its digest in .capsule/pushed.json."""
+    from ..image import push as p
+
+    project, spec = _spec(file, torch, cuda, python, flavor, base)
+    with console().status(f"pushing {spec.tag}"):
+        rec = p.push(spec, project.root, registry=registry, latest=latest)
+    if as_json:
+        print_json({"flavor": spec.flavor, "record": str(p.record_path(project.root)), **rec.__dict__})
+        return
+    con = console()
+    con.print(f"[green]pushed[/] {rec.pinned}")
+    con.print(f"  tags: {', '.join(rec.tags)}")
+    con.print(f"  {rec.layers_pushed} layer(s) uploaded, {rec.layers_reused} already there, {rec.seconds:.1f} s; "
+              f"recorded in {p.record_path(project.root)}")
 
 
 # -- capsule dev ---------------------------------------------------------------------------------

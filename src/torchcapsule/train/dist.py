@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) ->
     else:
         device = torch.device("cpu")
     _write_pid_file(rank)
+    _install_cause_line(rank)
     if world <= 1 and "MASTER_ADDR" not in os.environ:
         return DistInfo(rank=0, world_size=1, local_rank=0, backend=None, device=device)
     chosen = backend or os.environ.get("CAPSULE_DIST_BACKEND") or pick_backend(cuda)
@@ -59,6 +61,41 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) ->
         dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s), **kwargs)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=local_rank, backend=chosen, device=device)
+
+
+def collective_device() -> torch.device:
+    """Where a small tensor for a collective must live: the rank's GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The one line that says why a rank failed (pure): a torchcapsule error is already that line."""
+    from ..errors import CapsuleError
+
+    if isinstance(exc, CapsuleError):
+        return str(exc)
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+CAUSE_LINE = "torchcapsule: rank {rank} failed: {cause}"  # the launcher reports it as the job's reason
+
+
+def _install_cause_line(rank: int) -> None:
+    """After an uncaught exception's traceback (which stays in the log), print its cause as the last line."""
+    previous = sys.excepthook
+    if getattr(previous, "_torchcapsule", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        if not issubclass(exc_type, KeyboardInterrupt):
+            print(CAUSE_LINE.format(rank=rank, cause=failure_cause(exc)), file=sys.stderr, flush=True)
+
+    hook._torchcapsule = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def cleanup() -> None:
