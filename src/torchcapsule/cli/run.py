@@ -23,8 +23,9 @@ from ._common import file_option, json_option, load, print_json
 @click.option("--nodes", type=int, default=None, metavar="N", help="Nodes (overrides the stage's resources).")
 @click.option("--dry-run", is_flag=True, help="Print the exact command/script and environment; run nothing.")
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
+@click.option("--force", is_flag=True, help="Cancel a running job of this stage that holds its checkpoints, then run.")
 def run(stage: str, file: str | None, backend_name: str, gpus: str | None, nodes: int | None,
-        dry_run: bool, detach: bool) -> int:
+        dry_run: bool, detach: bool, force: bool) -> int:
     """Run STAGE of capsule.yaml; streams its logs and exits with its exit code."""
     from ..launch import get_backend
     from ..launch.spec import job_spec
@@ -35,12 +36,44 @@ def run(stage: str, file: str | None, backend_name: str, gpus: str | None, nodes
     if dry_run:
         click.echo(backend.dryrun(spec).text)
         return 0
+    if backend_name in ("local", "slurm"):  # checkpoints on this machine's (or a shared) filesystem
+        _one_writer(spec, force=force)
     job_id = backend.submit(spec)
     if detach:
         click.echo(job_id)
         return 0
     click.echo(f"job {job_id}", err=True)
     return _follow(backend, job_id, what=f"stage '{stage}'")
+
+
+def _one_writer(spec, *, force: bool) -> None:
+    """Refuse a second run of a ddp stage whose checkpoint directory a running job holds (it would
+    resume from, prune and overwrite that job's checkpoints); --force cancels that job first."""
+    from .. import dirlock
+    from ..errors import CheckpointBusy
+    from ..launch import get_backend
+    from ..launch.torchrun import capsule_env
+
+    if spec.distributed != "ddp":
+        return
+    ckdir = spec.workdir / dirlock.checkpoint_dir({**capsule_env(spec), **spec.env})
+    holder = dirlock.holder(ckdir)
+    if holder is None:
+        return
+    job = holder.split()[0]
+    if ":" not in job:  # a run capsule did not start (plain torchrun): nothing to cancel for it
+        raise CheckpointBusy(f"stage '{spec.stage}': {ckdir} is in use by {holder}; wait for it or stop it")
+    if not force:
+        raise CheckpointBusy(
+            f"stage '{spec.stage}' is already running as {job}, which holds {ckdir}; "
+            f"wait for it, `capsule jobs cancel {job}`, or rerun with --force (cancels it first)")
+    click.echo(f"--force: cancelling {job}, which holds {ckdir}", err=True)
+    get_backend(job.partition(":")[0]).cancel(job)
+    deadline = time.monotonic() + 120
+    while dirlock.holder(ckdir) is not None:  # released when its supervisor ends, after the checkpoint
+        if time.monotonic() > deadline:
+            raise CheckpointBusy(f"{job} still holds {ckdir} 120 s after the cancel; see `capsule jobs status {job}`")
+        time.sleep(0.2)
 
 
 def _follow(backend, job_id: str, *, what: str) -> int:
@@ -145,10 +178,17 @@ def jobs_logs(job_id: str, follow: bool) -> int:
 @click.argument("job_id")
 def jobs_cancel(job_id: str) -> int:
     """Cancel JOB_ID: ranks get SIGTERM (and save a checkpoint), SIGKILL after a grace period."""
+    from ..errors import BackendError
+
     backend = _backend_for(job_id)
     st = backend.status(job_id)
     if st.state.terminal:
-        click.echo(f"{job_id} already {st.state.value}")
+        try:  # an ended job may still have left processes behind (a local job whose supervisor died)
+            backend.cancel(job_id)
+        except BackendError:
+            pass  # e.g. a Slurm job it no longer knows: it is over either way
+        after = backend.status(job_id)
+        click.echo(f"{job_id} {after.state.value}: {after.reason}" if after != st else f"{job_id} already {st.state.value}")
         return 0
     backend.cancel(job_id)
     click.echo(f"cancelling {job_id}", err=sys.stderr.isatty())
