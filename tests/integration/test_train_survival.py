@@ -145,3 +145,43 @@ def test_cancel_ends_what_a_dead_supervisor_left_running(tmp_path):
     assert st["state"] == "CANCELLED" and "supervisor died" in st["reason"], st
     step = _events(project, "preempted")[-1]["step"]  # SIGTERM first: the ranks checkpointed
     assert f"ckpt-{step:09d}" in checkpoints(project)
+
+
+_MEASURE = """
+import os, subprocess, sys
+with open(sys.argv[1], "wb") as fh:
+    p = subprocess.Popen([sys.executable, "-m", "torchcapsule.cli.main", *sys.argv[2:]], stdout=fh,
+                         stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024)
+"""
+
+
+def _peak_rss_mib(argv, cwd, env, out):
+    """Exit code and peak resident memory (MiB) of a capsule command with its stdout to a file.
+
+    Measured from a small fresh Python: a child forked from this torch-laden test process would
+    count the parent's memory as its own peak."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(out), *argv], cwd=cwd, env={**os.environ, **env},
+                       capture_output=True, text=True, check=True)
+    code, rss = r.stdout.split()
+    return int(code), float(rss)
+
+
+def test_a_100mb_line_without_newline_is_streamed_in_bounded_pieces(tmp_path):
+    from .train_support import capsule_env
+
+    writer = "import sys\nfor _ in range(1600): sys.stdout.write('x' * 65536)\nsys.stdout.flush()\n"
+    project = example_copy(tmp_path, extra_stages={"huge": {"run": "python huge.py"}})
+    (project / "huge.py").write_text(writer)  # 100 MiB on one line, written in pieces (the writer stays small)
+    code, rss = _peak_rss_mib(["run", "huge"], project, capsule_env(tmp_path), tmp_path / "run.out")
+    assert code == 0
+    assert (tmp_path / "run.out").stat().st_size >= 1600 * 65536
+    assert rss < 200, f"capsule run peaked at {rss:.0f} MiB"  # it held the whole line: ~330 MiB
+    job = json.loads(capsule(project, tmp_path, "jobs", "list", "--on", "local", "--json").stdout)["jobs"][0]["job_id"]
+    code, rss = _peak_rss_mib(["jobs", "logs", job], project, capsule_env(tmp_path), tmp_path / "logs.out")
+    assert code == 0 and (tmp_path / "logs.out").stat().st_size >= 1600 * 65536
+    assert rss < 200, f"capsule jobs logs peaked at {rss:.0f} MiB"

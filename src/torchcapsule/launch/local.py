@@ -13,6 +13,7 @@ rank and that rank's own exit code, which torchrun itself reduces to 1.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import secrets
@@ -37,6 +38,7 @@ from .torchrun import (PREEMPTED_EXIT_CODE, failed_rank, nproc_per_node, shell_e
                        torchrun_command)
 
 CANCEL_GRACE_S = 30.0
+LOG_CHUNK = 1 << 16  # output is copied and streamed in pieces of at most this many bytes/characters
 _PREEMPTED_LINE = "torchcapsule: preempted by signal"  # printed by torchcapsule.train.Preemption.exit  # SIGTERM first (ranks save a checkpoint), SIGKILL after this
 
 
@@ -197,19 +199,23 @@ class LocalBackend(Backend):
         with open(path, encoding="utf-8", errors="replace") as fh:
             pending = ""
             while True:
-                chunk = fh.readline()
+                chunk = fh.readline(LOG_CHUNK)  # bounded: a 100 MB line without newline is read in pieces
                 if chunk:
                     pending += chunk
-                    if pending.endswith("\n"):
-                        yield pending.rstrip("\n")
+                    if pending.endswith("\n") or len(pending) >= LOG_CHUNK:
+                        yield pending.rstrip("\n")  # an overlong line comes out as several
                         pending = ""
                     continue
                 if not follow:
                     break
                 if self.status(job_id).state.terminal:
-                    rest = fh.read()  # whatever arrived between the last read and the end
-                    for line in (pending + rest).splitlines():
-                        yield line
+                    while rest := fh.readline(LOG_CHUNK):  # what arrived since the last read, bounded
+                        pending += rest
+                        if pending.endswith("\n") or len(pending) >= LOG_CHUNK:
+                            yield pending.rstrip("\n")
+                            pending = ""
+                    if pending:
+                        yield pending
                     return
                 time.sleep(0.1)
             if pending:
@@ -386,10 +392,12 @@ def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelle
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     assert child.stdout is not None
-    for raw in iter(child.stdout.readline, b""):
-        line = raw.decode("utf-8", errors="replace")
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a piece may split a character
+    for raw in iter(lambda: child.stdout.readline(LOG_CHUNK), b""):  # bounded, whatever the line length
+        line = decode.decode(raw)
         log.write(line)
-        tail.append(line)
+        tail.append(line[-4096:])  # the summary lines are short; a huge line must not fill the tail
+    log.write(decode.decode(b"", final=True))
     rc = child.wait()
     ended.set()
     watcher.join(timeout=5)  # it ends with the child; then `seen` no longer changes
