@@ -52,11 +52,14 @@ def _one_writer(spec, *, force: bool) -> None:
     from .. import dirlock
     from ..errors import CheckpointBusy
     from ..launch import get_backend
-    from ..launch.torchrun import capsule_env
 
     if spec.distributed != "ddp":
         return
-    ckdir = spec.workdir / dirlock.checkpoint_dir({**capsule_env(spec), **spec.env})
+    # The variables checkpoint_dir reads, as the job gets them on this machine (host paths).
+    env = {"CAPSULE_PROJECT": spec.project, "CAPSULE_STAGE": spec.stage, **spec.env}
+    if "models" in spec.volumes:
+        env.setdefault("CAPSULE_MODELS_DIR", str(spec.volumes["models"]))
+    ckdir = spec.workdir / dirlock.checkpoint_dir(env)
     holder = dirlock.holder(ckdir)
     if holder is None:
         return
