@@ -185,3 +185,24 @@ def test_a_100mb_line_without_newline_is_streamed_in_bounded_pieces(tmp_path):
     code, rss = _peak_rss_mib(["jobs", "logs", job], project, capsule_env(tmp_path), tmp_path / "logs.out")
     assert code == 0 and (tmp_path / "logs.out").stat().st_size >= 1600 * 65536
     assert rss < 200, f"capsule jobs logs peaked at {rss:.0f} MiB"
+
+
+def test_ctrl_c_exits_130_or_75_once_the_ranks_saved(tmp_path):
+    """Ctrl-C as soon as the job is submitted (before the ranks start, on any machine but a very
+    fast one): 130 as for any interrupted command, never torchrun's 1; 75 only with a checkpoint."""
+    import signal
+    import subprocess
+    import sys
+
+    from .train_support import capsule_env
+
+    project = example_copy(tmp_path, epochs=400)
+    p = subprocess.Popen([sys.executable, "-m", "torchcapsule.cli.main", "run", "train"], cwd=project,
+                         env={**os.environ, **capsule_env(tmp_path)}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stderr.readline().startswith("job local:")  # submitted: the event we interrupt on
+    p.send_signal(signal.SIGINT)
+    code = p.wait(timeout=180)
+    rest = p.stderr.read()
+    assert code == (75 if _events(project, "preempted") else 130), rest
+    assert "Traceback" not in rest

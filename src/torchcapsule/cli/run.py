@@ -93,7 +93,9 @@ def _follow(backend, job_id: str, *, what: str) -> int:
         click.echo(f"interrupted: cancelling {job_id} (ranks get SIGTERM and may save a checkpoint)", err=True)
         backend.cancel(job_id)
         st = backend.wait(job_id, poll_s=0.5, timeout_s=60)
-        return st.exit_code if st.exit_code not in (None, 0) else 130
+        # 75: the ranks saved a checkpoint; anything else (e.g. torchrun's 1 when it is signalled
+        # before the ranks start) is the interrupt, reported as shells do: 128 + SIGINT.
+        return 75 if st.exit_code == 75 else 130
     code = st.exit_code if st.exit_code is not None else (0 if st.state.value == "SUCCEEDED" else 1)
     if st.state.value != "SUCCEEDED":
         detail = f": {st.reason}" if st.reason and "exit code" in st.reason else \
