@@ -188,8 +188,8 @@ def test_a_100mb_line_without_newline_is_streamed_in_bounded_pieces(tmp_path):
 
 
 def test_ctrl_c_exits_130_or_75_once_the_ranks_saved(tmp_path):
-    """Ctrl-C as soon as the job is submitted (before the ranks start, on any machine but a very
-    fast one): 130 as for any interrupted command, never torchrun's 1; 75 only with a checkpoint."""
+    """Ctrl-C once torchrun runs but (on any machine but a very fast one) before the ranks do:
+    130 as for any interrupted command, never torchrun's 1; 75 only with a checkpoint."""
     import signal
     import subprocess
     import sys
@@ -200,7 +200,11 @@ def test_ctrl_c_exits_130_or_75_once_the_ranks_saved(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "torchcapsule.cli.main", "run", "train"], cwd=project,
                          env={**os.environ, **capsule_env(tmp_path)}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
-    assert p.stderr.readline().startswith("job local:")  # submitted: the event we interrupt on
+    line = p.stderr.readline()
+    assert line.startswith("job local:"), line
+    state = tmp_path / "home" / "jobs" / line.split(":", 1)[1].strip() / "state.json"
+    # torchrun started (the ranks take seconds more to import torch): the moment that exited 1
+    wait_for(lambda: state.exists() and json.loads(state.read_text())["state"] == "RUNNING", 60, "torchrun")
     p.send_signal(signal.SIGINT)
     code = p.wait(timeout=180)
     rest = p.stderr.read()
