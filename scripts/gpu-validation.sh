@@ -9,7 +9,10 @@
 #   2. capsule run train (local backend) of examples/digits: DDP under torchrun, one rank per GPU
 #      (NCCL and bf16 autocast are what the runtime picks on a GPU: train/dist.py, train/amp.py)
 #   3. capsule serve <the model it trained> --device cuda --smoke-test
-#   4. summary.json + summary.md (a row for docs/gpu-validation.md)
+#   4. the built CUDA image (CAPSULE_IMAGE=<tag>, e.g. digits:2.13.0-cu130-py3.11-slim): inside
+#      `docker run --gpus all`, capsule doctor --require-gpus N and a cuDNN conv + NCCL version check;
+#      skipped, saying why, without that variable, a Docker engine or a GPU
+#   5. summary.json + summary.md (a row for docs/gpu-validation.md)
 #
 # Without a GPU it runs the same steps on the CPU ("no GPU: CPU dry run": gloo, fp32, --device cpu,
 # 2 epochs) so that the script itself can be checked anywhere; REQUIRE_GPU=1 makes that exit 3.
@@ -18,7 +21,8 @@
 # doctor-bench.json, train.log, metrics-train.jsonl, serve.log, summary.json, summary.md.
 #
 # Environment: OUT, PYTHON (default python3), REQUIRE_GPU=1, GIT_COMMIT (recorded in the summary), EPOCHS (default 30 on GPU, 2 on CPU),
-# BUDGET_S (whole-run limit in seconds, default 420), KEEP_WORK=1 (keep the scratch directory).
+# BUDGET_S (whole-run limit in seconds, default 420), KEEP_WORK=1 (keep the scratch directory),
+# CAPSULE_IMAGE (a built CUDA image to check inside, step 4).
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -228,7 +232,28 @@ else
   record serve skipped 0 "no model directory"
 fi
 
-# -- 4. summary -----------------------------------------------------------------------------------
+# -- 4. inside the built CUDA image ----------------------------------------------------------------
+# What a GPU-less build machine cannot prove (tests/integration/test_image_cuda.py proves the rest):
+# the image's own torch sees the GPUs through the NVIDIA container runtime, and cuDNN runs.
+IMAGE_CHECK='capsule doctor --json --require-gpus "$1" > /tmp/doctor.json; rc=$?
+python -c "import json; r = json.load(open(\"/tmp/doctor.json\")); print(\"image doctor:\", r[\"summary\"], [f[\"id\"] for f in r[\"findings\"]])"
+python -c "import torch; x = torch.randn(2, 3, 16, 16, device=\"cuda\"); torch.nn.functional.conv2d(x, torch.randn(4, 3, 3, 3, device=\"cuda\")); print(\"image cudnn conv ok\", torch.backends.cudnn.version(), \"nccl\", torch.cuda.nccl.version())" || rc=1
+exit $rc'
+if [ -z "${CAPSULE_IMAGE:-}" ]; then
+  echo "skipped image: no CAPSULE_IMAGE=<tag of a built CUDA image> given" | tee "$WORK/image.log"
+  record image skipped 0 "no CAPSULE_IMAGE"
+elif ! command -v docker >/dev/null || ! timeout 30 docker info >/dev/null 2>&1; then
+  echo "skipped image: no Docker engine answers on this machine, so $CAPSULE_IMAGE cannot be run" | tee "$WORK/image.log"
+  record image skipped 0 "no Docker engine"
+elif [ "$MODE" != gpu ]; then
+  echo "skipped image: no GPU here, so $CAPSULE_IMAGE cannot be checked with one" | tee "$WORK/image.log"
+  record image skipped 0 "no GPU"
+else
+  run_step image 240 "$WORK/image.log" docker run --rm --gpus all --ipc=host "$CAPSULE_IMAGE" \
+    bash -c "$IMAGE_CHECK" image-check "$GPUS"
+fi
+
+# -- 5. summary -----------------------------------------------------------------------------------
 say "summary"
 # The device machine gets a copy of the tree, maybe without .git: pass GIT_COMMIT=<hash> there.
 GIT_COMMIT=${GIT_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}

@@ -115,6 +115,8 @@ checks = {
     "serve smoke test ok": serve["ok"] and steps.get("serve", {}).get("exit_code") == 0,
     f"serve on {want['device']}": str(serve.get("device", "")).startswith(want["device"]),
 }
+if steps.get("image", {}).get("exit_code") != "skipped" and "image" in steps:
+    checks["CUDA image: doctor and cuDNN with --gpus all"] = steps["image"]["exit_code"] == 0
 status = ("GPU run" if gpu else "no GPU: CPU dry run") + (
     ": all checks passed" if all(checks.values()) else
     f": {sum(not v for v in checks.values())} check(s) failed")

@@ -66,6 +66,23 @@ def slurm_multinode() -> dict[str, str]:
     return {"SLURM_CONF": MULTINODE_CONF}
 
 
+def write_pushed(project_dir: Path, flavor: str, registry: str = "registry.example/acme") -> str:
+    """Record a push of the project's `flavor` image (as `capsule image push` does) without a
+    registry, for tests of what consumes the record; the local image id is used when there is one,
+    so the record is not stale. Returns the pinned reference."""
+    from torchcapsule.config import load_project
+    from torchcapsule.image import push as p
+    from torchcapsule.image.tags import project_tag
+
+    project = load_project(project_dir / "capsule.yaml")
+    tag = project_tag(project, flavor=flavor)
+    digest = "sha256:" + "5e" * 32
+    pinned = f"{registry}/{tag.split(':')[0]}@{digest}"
+    p.write_record(project_dir, flavor, p.Pushed(pinned=pinned, digest=digest, tags=[f"{registry}/{tag}"],
+                                                 image_id=p._local_image_id(tag) or "sha256:none"))
+    return pinned
+
+
 def run_capsule(*args: str, cwd: Path | str | None = None, env: dict | None = None,
                 timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     """Run the real `capsule` CLI in a subprocess (as a user would)."""

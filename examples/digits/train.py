@@ -127,7 +127,7 @@ def save_model_dir(model, args, kwargs, acc: float, step: int) -> Path:
     """<models>/<name>/: model.safetensors + model.py + meta.json (the model directory contract)."""
     from safetensors.torch import save_model
 
-    from torchcapsule.registry.facts import machine_facts
+    from torchcapsule.registry.facts import machine_facts, running_image
 
     models = Path(os.environ.get("CAPSULE_MODELS_DIR", HERE / "models"))
     out = models / args.name
@@ -148,6 +148,8 @@ def save_model_dir(model, args, kwargs, acc: float, step: int) -> Path:
         "dataset": "sklearn.datasets.load_digits",
         # The training machine's stack, recorded where it trained (the registry keeps it).
         "machine": machine_facts(),
+        # The image it trained in (by digest when pushed), or "not in the image" on the host.
+        "image": running_image(),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():  # replace the previous model only once the new one is complete

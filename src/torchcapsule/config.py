@@ -102,6 +102,9 @@ class Image(_Model):
     apt: tuple[str, ...] = ()
     user: User = User()
     registry: str | None = None  # image repository prefix, e.g. ghcr.io/acme
+    # gcc/g++ + Python headers for torch.compile (Inductor, Triton); None: jupyter-ssh and CUDA
+    # images have them, CPU slim images do not (image/spec.py: BuildSpec.needs_compiler)
+    compilers: bool | None = None
 
     @field_validator("torch", "python", "cuda", mode="before")
     @classmethod

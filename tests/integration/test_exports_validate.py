@@ -16,7 +16,7 @@ import yaml
 
 from torchcapsule.config import load_project, parse_project
 
-from ..conftest import EXAMPLE, REPO, missing_part, run_capsule
+from ..conftest import EXAMPLE, REPO, missing_part, run_capsule, write_pushed
 from ..unit.test_exports import GPU_PROJECT
 
 pytestmark = pytest.mark.integration
@@ -24,9 +24,18 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def projects(tmp_path_factory):
+    """The digits example and a GPU project, each with a recorded push (the cluster exports name
+    the image by digest and refuse an unpushed one)."""
     gpu_dir = tmp_path_factory.mktemp("gpu")
     (gpu_dir / "capsule.yaml").write_text(GPU_PROJECT)
-    return {"digits": EXAMPLE, "gpu": gpu_dir}
+    digits_dir = tmp_path_factory.mktemp("digits")
+    # Renamed: no local image has its tag, so a concurrent rebuild of digits' own image (another
+    # test, another user of the engine) cannot make the recorded push look stale.
+    text = (EXAMPLE / "capsule.yaml").read_text()
+    (digits_dir / "capsule.yaml").write_text(text.replace("\nname: digits\n", "\nname: digits-export\n", 1))
+    for d in (gpu_dir, digits_dir):
+        write_pushed(d, load_project(d / "capsule.yaml").image.flavor)
+    return {"digits": digits_dir, "gpu": gpu_dir}
 
 
 def _export(project_dir: Path, *args: str) -> str:
@@ -52,6 +61,9 @@ def k8s_validate():
 def test_kubernetes_manifests_validate_strictly(k8s_validate, projects, name, args, kinds):
     docs = [d for d in yaml.safe_load_all(_export(projects[name], *args)) if d]
     assert [d["kind"] for d in docs] == kinds
+    if args[0] == "serve":  # a cluster pulls the pushed image by digest
+        image = docs[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert image.startswith("registry.example/acme/") and "@sha256:" in image, image
     version = k8s_validate.latest_version()
     for d in docs:
         k8s_validate.validate(d, version, strict=True)  # raises on any schema error
@@ -85,6 +97,9 @@ def test_ci_and_compose_files_validate_against_their_schemas(projects, tmp_path,
     out = tmp_path / fname
     r = run_capsule("export", *args, "-f", str(projects[name] / "capsule.yaml"), "-o", str(out))
     assert r.returncode == 0 and out.is_file(), r.stderr
+    if args == ("compose",):
+        assert all("@sha256:" in svc["image"] for n, svc in yaml.safe_load(out.read_text())["services"].items()
+                   if n != "mlflow")
     r = _check_jsonschema(schema, out)
     assert r.returncode == 0, r.stdout + r.stderr
 

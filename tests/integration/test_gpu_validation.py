@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_gpu_validation_script(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path),
-           "EPOCHS": "2", "GIT_COMMIT": "test"}
+           "EPOCHS": "2", "GIT_COMMIT": "test", "CAPSULE_IMAGE": "digits:2.13.0-cu130-py3.11-slim"}
     r = subprocess.run(["bash", str(REPO / "scripts" / "gpu-validation.sh")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
@@ -33,6 +33,8 @@ def test_gpu_validation_script(tmp_path):
         assert s["status"] == "no GPU: CPU dry run: all checks passed"
         assert "no GPU: CPU dry run" in r.stdout
         assert (s["train"]["backend"], s["train"]["precision"]) == ("gloo", "fp32")
+        # step 4 says plainly why the CUDA image was not checked (no GPU, or no Docker engine)
+        assert "skipped image: no" in r.stdout and s["steps"]["image"]["exit_code"] == "skipped"
     else:
         assert (s["train"]["backend"], s["train"]["precision"]) == ("nccl", "bf16")
     assert s["train"]["metrics_started"]["precision"] == s["train"]["precision"]

@@ -52,7 +52,6 @@ def project(tmp_path, docker_engine):
     name = f"pushtest{uuid.uuid4().hex[:8]}"
     (tmp_path / "capsule.yaml").write_text(f"name: {name}\nimage: {{torch: '2.13.0', cuda: cpu, python: '3.11', flavor: slim}}\n")
     tag = f"{name}:2.13.0-cpu-py3.11-slim"
-    made: list[str] = [tag]
 
     def build(marker: str) -> str:
         ctx = tmp_path / "ctx"
@@ -63,11 +62,12 @@ def project(tmp_path, docker_engine):
         docker("build", "-q", "-t", tag, str(ctx), timeout=600)
         return tag
 
-    yield tmp_path, name, build, made
-    refs = docker("image", "ls", "--format", "{{.Repository}}:{{.Tag}}", check=False).stdout.split()
-    gone = [r for r in refs if name in r]
-    if gone:
-        docker("rmi", "-f", *gone, check=False)
+    yield tmp_path, name, build
+    # Every image this test made, also those pulled by digest (listed as REPO:<none>): by id.
+    rows = docker("image", "ls", "--format", "{{.ID}} {{.Repository}}", check=False).stdout.splitlines()
+    ids = sorted({row.split()[0] for row in rows if name in row})
+    if ids:
+        docker("rmi", "-f", *ids, check=False)
 
 
 def _push(proj, *extra: str) -> dict:
@@ -77,7 +77,7 @@ def _push(proj, *extra: str) -> dict:
 
 
 def test_push_records_the_digest_and_a_pull_by_digest_runs(registry, project):
-    proj, name, build, _ = project
+    proj, name, build = project
     build("first")
     out = _push(proj, "--registry", f"{registry}/i16")
     repo = f"{registry}/i16/{name}"
@@ -94,7 +94,7 @@ def test_push_records_the_digest_and_a_pull_by_digest_runs(registry, project):
 
 
 def test_second_push_after_a_one_line_change_uploads_one_layer(registry, project):
-    proj, name, build, _ = project
+    proj, name, build = project
     build("first")
     first = _push(proj, "--registry", f"{registry}/i16")
     build("second")  # one line of the Dockerfile changed: only its layer is new
@@ -109,7 +109,7 @@ def test_second_push_after_a_one_line_change_uploads_one_layer(registry, project
 
 
 def test_registry_refusals_are_one_line(registry, project):
-    proj, _, build, _ = project
+    proj, _, build = project
     build("x")
     port = free_port()
     r = run_capsule("image", "push", "--registry", f"127.0.0.1:{port}/i16", cwd=proj, timeout=300)

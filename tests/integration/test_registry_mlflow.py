@@ -67,6 +67,7 @@ def test_register_records_provenance_and_checksums(store):
     assert tags["capsule.image_tag"] == "digits:2.13.0-cpu-py3.11-jupyter-ssh"
     assert tags["capsule.lock_hash"] == "none"  # no capsule.lock next to capsule.yaml
     assert tags["capsule.machine_source"] == "probed at registration"
+    assert tags["capsule.image"] == "not in the image"  # trained and registered on the host
     assert json.loads(tags["capsule.machine"])["torch"].startswith("2.13.0")
     import hashlib
 

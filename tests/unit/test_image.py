@@ -8,8 +8,8 @@ import pytest
 
 from tests.conftest import EXAMPLE, run_capsule
 from torchcapsule.config import load_project, parse_project
-from torchcapsule.errors import CompatError, ConfigError
-from torchcapsule.image import dev, lint, lock, render
+from torchcapsule.errors import CompatError, ConfigError, ImageError
+from torchcapsule.image import dev, lint, lock, render, wheelhouse
 from torchcapsule.image.spec import resolve
 from torchcapsule.image.tags import project_tag
 from torchcapsule.image.wheelhouse import Target
@@ -251,3 +251,109 @@ def test_build_failure_message_is_one_line_naming_step_and_cause():
     msg = _failure(tail[0], tail, None, "x:1")
     assert "\n" not in msg and msg.startswith("docker build failed at Step 12/32")
     assert "E: Unable to locate package nope-pkg" in msg and msg.endswith("x:1 was not tagged")
+
+
+# -- CUDA from PyPI or from a PyTorch index (issue 15) ----------------------------------------------
+def test_pypis_cuda_build_is_pinned_without_a_local_label_and_needs_no_torch_index(project):
+    spec = resolve(project, cuda="13.0", flavor="slim")
+    assert spec.pypi_cuda == "13.0" and spec.torch_from_pypi
+    # `===`: a +cpu wheel in a find-links directory or the wheelhouse cannot satisfy it
+    assert spec.torch_requirement == "torch===2.13.0"
+    assert spec.torch_index_for(None) is None and spec.torch_index_for("file:///m") == "file:///m"
+    assert lock.refusal(spec) is None
+    other = resolve(project, cuda="13.2")
+    assert not other.torch_from_pypi and other.torch_requirement == "torch==2.13.0+cu132"
+    assert other.torch_index_for(None) == "https://download.pytorch.org/whl/cu132"
+    assert lock.refusal(resolve(project)) is None  # CPU: pip's own configuration decides, as before
+
+
+def test_another_cuda_without_a_reachable_index_is_refused_in_one_line(project, monkeypatch, capsys):
+    monkeypatch.delenv(wheelhouse.TORCH_INDEX_ENV, raising=False)
+    spec = resolve(project, cuda="13.2")
+    with pytest.raises(ImageError) as e:
+        wheelhouse.index_args("http://127.0.0.1:9/whl/cu132", refuse=lock.refusal(spec))
+    msg = str(e.value)
+    assert msg.startswith("CUDA 13.2: torch 2.13.0+cu132 comes only from a PyTorch wheel index and "
+                          "http://127.0.0.1:9/whl/cu132 does not answer; PyPI's torch 2.13.0 is the CUDA 13.0 build")
+    assert "--torch-index URL (or CAPSULE_TORCH_INDEX)" in msg and "\n" not in msg
+    # without a refusal (CPU), the unreachable index is dropped with a warning, as before
+    assert wheelhouse.index_args("http://127.0.0.1:9/whl/cpu") == []
+    assert "does not answer" in capsys.readouterr().err
+
+
+def test_a_local_simple_index_directory_counts_as_reachable(tmp_path, monkeypatch):
+    monkeypatch.delenv(wheelhouse.TORCH_INDEX_ENV, raising=False)
+    assert wheelhouse.index_args(tmp_path.as_uri(), refuse="x {index}") == ["--extra-index-url", tmp_path.as_uri()]
+    with pytest.raises(ImageError, match="^x file://"):
+        wheelhouse.index_args((tmp_path / "absent").as_uri(), refuse="x {index}")
+
+
+def test_every_manylinux_tag_from_2_28_down_is_asked_for():
+    args = Target("3.11.2").pip_args()
+    plats = [args[i + 1] for i, a in enumerate(args) if a == "--platform"]
+    assert plats[0] == "manylinux_2_28_x86_64" and "manylinux_2_27_x86_64" in plats  # nvidia-cudnn-cu13
+    assert plats[-2:] == ["manylinux_2_17_x86_64", "manylinux2014_x86_64"] and len(plats) == 13
+
+
+PIP_CONFLICT = """\
+ERROR: Cannot install torch==2.13.0+cu130 because these package versions have conflicting dependencies.
+
+The conflict is caused by:
+    The user requested torch==2.13.0+cu130
+    The user requested (constraint) torch<=2.14.1
+
+To fix this you could try to:
+1. loosen the range of package versions you've specified
+ERROR: ResolutionImpossible: for help visit https://pip.pypa.io/en/latest/topics/dependency-resolution/
+"""
+
+
+def test_pips_own_resolution_reason_is_quoted():
+    reason = wheelhouse._pip_reason(PIP_CONFLICT)
+    assert reason == ("Cannot install torch==2.13.0+cu130 because these package versions have conflicting "
+                      "dependencies. The conflict is caused by: The user requested torch==2.13.0+cu130; "
+                      "The user requested (constraint) torch<=2.14.1")
+    missing = ("ERROR: Could not find a version that satisfies the requirement nvidia-nccl-cu13==2.29.7 "
+               "(from versions: none)\nERROR: No matching distribution found for nvidia-nccl-cu13==2.29.7\n")
+    assert wheelhouse._pip_reason(missing).startswith("Could not find a version that satisfies the requirement "
+                                                      "nvidia-nccl-cu13==2.29.7")
+
+
+def test_cuda_dockerfile_checks_torchs_cuda_in_the_builder_and_labels_the_driver_floor(project):
+    df = _df(resolve(project, cuda="13.0", flavor="slim"))
+    assert "and c == '13.0'" in df and "not 2.13.0 for cu130" in df
+    assert 'io.torchcapsule.cuda.min_driver="580"' in df
+    cpu = _df(resolve(project, flavor="slim"))
+    assert "and c == None" in cpu and "min_driver" not in cpu
+
+
+def test_cuda_components_come_from_the_locks_nvidia_wheels():
+    entries = [lock.Entry("nvidia-cudnn-cu13", "9.20.0.48", "0" * 64, ""), lock.Entry("nvidia-nccl-cu13", "2.29.7", "1" * 64, ""),
+               lock.Entry("nvidia-cudnn-frontend", "1.0", "2" * 64, ""), lock.Entry("torch", "2.13.0", "3" * 64, "")]
+    assert lock.cuda_components(entries) == {"cudnn": "9.20.0.48", "nccl": "2.29.7"}
+    assert lock.cuda_components(entries[3:]) == {}
+
+
+def test_a_shared_wheelhouse_is_used_when_set(tmp_path, monkeypatch):
+    monkeypatch.delenv(wheelhouse.WHEELHOUSE_ENV, raising=False)
+    assert wheelhouse.cache_dir(tmp_path) == tmp_path / ".capsule" / "wheelhouse"
+    monkeypatch.setenv(wheelhouse.WHEELHOUSE_ENV, str(tmp_path / "shared"))
+    assert wheelhouse.cache_dir(tmp_path / "p") == tmp_path / "shared"
+
+
+def test_compilers_are_a_choice_in_capsule_yaml(project):
+    def with_compilers(value):
+        return project.model_copy(update={"image": project.image.model_copy(update={"compilers": value})})
+
+    cuda_slim = resolve(project, cuda="13.0", flavor="slim")
+    assert cuda_slim.needs_compiler and not resolve(project, flavor="slim").needs_compiler  # the defaults
+    eager = resolve(with_compilers(False), cuda="13.0", flavor="slim")
+    assert not eager.needs_compiler and "g++" not in _df(eager)
+    assert "g++" in _df(resolve(with_compilers(True), flavor="slim"))
+    assert parse_project("name: x\nimage: {compilers: false}\n", Path("capsule.yaml")).image.compilers is False
+
+
+def test_an_empty_torch_index_variable_is_as_if_unset(tmp_path, monkeypatch):
+    monkeypatch.setenv(wheelhouse.TORCH_INDEX_ENV, "")
+    with pytest.raises(ImageError, match="^x http://127.0.0.1:9/"):
+        wheelhouse.index_args("http://127.0.0.1:9/", refuse="x {index}")

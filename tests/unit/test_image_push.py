@@ -63,3 +63,46 @@ def test_record_round_trips_per_flavor_and_a_broken_one_names_the_fix(tmp_path):
     (tmp_path / ".capsule" / "pushed.json").write_text("{")
     with pytest.raises(ImageError, match=r"pushed.json: unreadable .* run `capsule image push` again"):
         p.pinned(tmp_path, "slim")
+
+
+def _project(tmp_path, registry=None):
+    from torchcapsule.config import load_project
+
+    reg = f"  registry: {registry}\n" if registry else ""
+    (tmp_path / "capsule.yaml").write_text(f"name: digits\nimage:\n  flavor: slim\n{reg}")
+    return load_project(tmp_path / "capsule.yaml")
+
+
+def test_a_cluster_pulls_the_pushed_digest_and_an_unpushed_image_is_refused_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(p, "_local_image_id", lambda tag: None)  # no Docker to ask
+    project = _project(tmp_path)
+    ref, problem = p.pull_ref(project)
+    assert ref == "digits:2.13.0-cpu-py3.11-slim"
+    assert problem == ("image digits:2.13.0-cpu-py3.11-slim has not been pushed to a registry, so a cluster cannot "
+                       "pull it; run `capsule image build --flavor slim` if needed, then "
+                       "`capsule image push --flavor slim --registry HOST/PREFIX`")
+    with pytest.raises(ImageError, match="has not been pushed"):
+        p.require_pushed(project)
+    rec = p.Pushed(pinned=f"r.example/acme/digits@{DIGEST}", digest=DIGEST, tags=[], image_id="sha256:1")
+    p.write_record(tmp_path, "slim", rec)
+    assert p.pull_ref(project) == (rec.pinned, None) and p.require_pushed(project) == rec.pinned
+
+
+def test_an_image_rebuilt_since_its_push_is_refused(tmp_path, monkeypatch):
+    project = _project(tmp_path, registry="r.example/acme")
+    rec = p.Pushed(pinned=f"r.example/acme/digits@{DIGEST}", digest=DIGEST, tags=[], image_id="sha256:old")
+    p.write_record(tmp_path, "slim", rec)
+    monkeypatch.setattr(p, "_local_image_id", lambda tag: "sha256:new")
+    ref, problem = p.pull_ref(project)
+    assert ref == rec.pinned and "was rebuilt since its last push" in problem
+    assert problem.endswith("`capsule image push --flavor slim`")  # image.registry set: no --registry needed
+
+
+@pytest.mark.parametrize("args", [("serve", "--kubernetes"), ("compose",)])
+def test_cluster_exports_refuse_an_unpushed_image_in_one_line(tmp_path, args):
+    from tests.conftest import run_capsule
+
+    (tmp_path / "capsule.yaml").write_text("name: neverpushed\nimage: {flavor: slim}\n")
+    r = run_capsule("export", *args, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and not r.stdout
+    assert "neverpushed:2.13.0-cpu-py3.11-slim has not been pushed" in r.stderr and "capsule image push" in r.stderr

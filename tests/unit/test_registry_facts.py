@@ -43,3 +43,13 @@ def test_models_help_imports_nothing_heavy():
     mods = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in r.stderr.splitlines()
             if line.startswith("import time:") and "|" in line}
     assert not mods & {"mlflow", "torch", "numpy", "sqlalchemy"}
+
+
+def test_running_image_is_the_launchers_digest_else_not_in_the_image(monkeypatch):
+    from torchcapsule.registry import facts
+
+    ref = "127.0.0.1:5070/acme/digits@sha256:" + "ab" * 32
+    monkeypatch.setenv("CAPSULE_IMAGE", ref)
+    assert facts.running_image() == ref
+    monkeypatch.delenv("CAPSULE_IMAGE")
+    assert facts.running_image() == "not in the image"

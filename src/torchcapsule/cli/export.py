@@ -111,11 +111,14 @@ def ci(file, output, on, target, test_stage) -> None:
 @click.option("--gpus", type=click.IntRange(0), default=None,
               help="GPUs per replica (default: 1 for a CUDA image, 0 for a CPU image).")
 def serve(file, output, target, replicas, max_replicas, gpus) -> None:
-    """Kubernetes manifests for the inference service."""
+    """Kubernetes manifests for the inference service (the image by its pushed digest)."""
     from ..pipeline.exports import k8s_serve as m
 
+    from ..image.push import require_pushed
+
     p = _project(file)
-    _write(m.text(p, replicas=replicas, max_replicas=max_replicas, gpus=gpus), output, f"{p.name}-serve.yaml")
+    _write(m.text(p, replicas=replicas, max_replicas=max_replicas, gpus=gpus, image=require_pushed(p)), output,
+           f"{p.name}-serve.yaml")
 
 
 @export.command()
@@ -123,9 +126,11 @@ def serve(file, output, target, replicas, max_replicas, gpus) -> None:
 @output_option
 @click.option("--mlflow-image", default=None, help="MLflow server image (default: the official one).")
 def compose(file, output, mlflow_image) -> None:
-    """docker-compose file: the dev box, the service and an MLflow server."""
+    """docker-compose file: the dev box, the service and an MLflow server (the image by its pushed digest)."""
     from ..pipeline.exports import compose as m
+
+    from ..image.push import require_pushed
 
     p = _project(file)
     kw = {"mlflow_image": mlflow_image} if mlflow_image else {}
-    _write(m.text(p, **kw), output, "compose.yaml")
+    _write(m.text(p, image=require_pushed(p), **kw), output, "compose.yaml")

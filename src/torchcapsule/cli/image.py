@@ -33,7 +33,8 @@ def _spec(file, torch, cuda, python, flavor, base):
 
 def _torch_index_option(f):
     return click.option("--torch-index", default=None, metavar="URL",
-                        help="PyTorch wheel index (default: download.pytorch.org/whl/<cpu|cuXXX>; "
+                        help="PyTorch wheel index or a mirror of it (default: none for the CUDA build PyPI "
+                             "serves, else download.pytorch.org/whl/<cpu|cuXXX>; "
                              "'none': only pip's own config; env CAPSULE_TORCH_INDEX).")(f)
 
 
@@ -83,7 +84,7 @@ def lock_cmd(file, torch, cuda, python, flavor, base, torch_index) -> None:
                 raise
             full = b.base_python(spec, use_docker=False)
     with con.status(f"resolving wheels for CPython {full}"):
-        paths = lk.lock(spec, Target(full), project.root, torch_index=torch_index or spec.torch_index)
+        paths = lk.lock(spec, Target(full), project.root, torch_index=spec.torch_index_for(torch_index))
     for p in paths:
         _, entries = lk.parse_lock(p.read_text())
         con.print(f"[green]locked[/] {p} ({len(entries)} packages, Python {full})")
@@ -143,7 +144,7 @@ def build(file, torch, cuda, python, flavor, base, torch_index, verbose, as_json
             status.update(f"building {spec.tag}: {line[:100]}")
 
     with status:
-        res = b.build(spec, project.root, torch_index=torch_index or spec.torch_index, on_line=on_line,
+        res = b.build(spec, project.root, torch_index=spec.torch_index_for(torch_index), on_line=on_line,
                       on_status=lambda s: status.update(s))
     if as_json:
         print_json({"tag": res.tag, "id": res.image_id, "size_bytes": res.size_bytes,

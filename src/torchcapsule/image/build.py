@@ -132,7 +132,7 @@ def docker_build(ctx: Path, tag: str, labels: dict[str, str], *, dockerfile: str
         cmd.append(str(ctx))
         tail: deque[str] = deque(maxlen=40)
         step = ""
-        log = open(log_path, "w") if log_path else None
+        log = open(log_path, "w", buffering=1) if log_path else None  # line-buffered: tail -f works
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             assert proc.stdout is not None
@@ -202,6 +202,9 @@ def build(spec: BuildSpec, project_root: Path, *, torch_index: str | None = None
         "io.torchcapsule.python.full": python_full,
         "io.torchcapsule.lock.sha256": lock_hash,
     }
+    # cuDNN and NCCL come from torch's nvidia-* wheels: their versions are the lock's.
+    _, entries = lockmod.parse_lock((project_root / lockmod.LOCK).read_text())
+    labels.update({f"io.torchcapsule.{k}": v for k, v in lockmod.cuda_components(entries).items()})
     revision = _git_revision(project_root)
     if revision:
         labels["org.opencontainers.image.revision"] = revision

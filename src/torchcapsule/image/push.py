@@ -13,10 +13,14 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ImageError
 from .spec import BuildSpec
 from .tags import format_tag
+
+if TYPE_CHECKING:
+    from ..config import Project
 
 RECORD = Path(".capsule") / "pushed.json"
 # `<tag>: digest: sha256:<hex> size: <n>`, the last line of a successful `docker push`.
@@ -158,3 +162,49 @@ def push(spec: BuildSpec, project_root: Path, *, registry: str | None = None,
     )
     write_record(project_root, spec.flavor, rec)
     return rec
+
+
+# -- what a cluster pulls -----------------------------------------------------------------------
+def _local_image_id(tag: str) -> str | None:
+    """The id of the local image under `tag`; None when there is none or no Docker to ask."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("docker")
+    if exe is None:
+        return None
+    try:
+        r = subprocess.run([exe, "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
+
+
+def pull_ref(project: "Project", flavor: str | None = None) -> tuple[str, str | None]:
+    """(the reference a cluster should pull, the refusal or None).
+
+    The pushed digest when the last push is of the image built now; else the local tag, with
+    one line saying why a cluster cannot pull it and the command that fixes it."""
+    from .tags import project_tag
+
+    flavor = flavor or project.image.flavor
+    tag = project_tag(project, flavor=flavor)
+    fix = (f"run `capsule image build --flavor {flavor}` if needed, then `capsule image push --flavor {flavor}"
+           + ("" if project.image.registry else " --registry HOST/PREFIX") + "`")
+    rec = pinned(project.root, flavor)
+    if rec is None:
+        return tag, f"image {tag} has not been pushed to a registry, so a cluster cannot pull it; {fix}"
+    local = _local_image_id(tag)
+    if local is not None and local != rec.image_id:
+        return rec.pinned, (f"image {tag} was rebuilt since its last push ({rec.pinned}), so a cluster "
+                            f"would run the old one; {fix}")
+    return rec.pinned, None
+
+
+def require_pushed(project: "Project", flavor: str | None = None) -> str:
+    """The pushed digest to submit, or ImageError naming the command that pushes it."""
+    ref, problem = pull_ref(project, flavor)
+    if problem:
+        raise ImageError(problem)
+    return ref

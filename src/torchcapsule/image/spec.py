@@ -57,6 +57,8 @@ class BuildSpec:
     gid: int = 1000
     registry: str | None = None
     min_driver: str | None = None  # driver floor for this CUDA (entrypoint warns below it)
+    pypi_cuda: str | None = None  # the CUDA of this release's PyPI build (compat: default_cuda)
+    compilers: bool | None = None  # image.compilers; None: the flavor's default
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -71,13 +73,29 @@ class BuildSpec:
                           flavor=self.flavor, registry=self.registry)
 
     @property
+    def torch_from_pypi(self) -> bool:
+        """PyPI's own torch wheel is this build (PyPI uses no local version label)."""
+        return self.is_cuda and self.cuda == self.pypi_cuda
+
+    @property
     def torch_requirement(self) -> str:
-        # The local version label (+cpu / +cu128) makes the choice of wheel explicit.
+        # The local version label (+cpu / +cu128) makes the choice of wheel explicit. PyPI's
+        # build has none; `===` (exact string) keeps pip from taking a `+cpu` wheel that a
+        # find-links directory or the wheelhouse offers, which `==X` would also match.
+        if self.torch_from_pypi:
+            return f"torch==={self.torch}"
         return f"torch=={self.torch}+{self.cuda_tag}"
 
     @property
     def torch_index(self) -> str:
         return f"{PYTORCH_INDEX}/{self.cuda_tag}"
+
+    def torch_index_for(self, explicit: str | None) -> str | None:
+        """The PyTorch index a lock/build asks: the flag's (or CAPSULE_TORCH_INDEX's, read by the
+        wheelhouse), none for PyPI's build, else the official index of this build."""
+        if explicit:
+            return explicit
+        return None if self.torch_from_pypi else self.torch_index
 
     @property
     def has_dev_tools(self) -> bool:
@@ -86,8 +104,11 @@ class BuildSpec:
     @property
     def needs_compiler(self) -> bool:
         # torch.compile: Inductor's C++ kernels on CPU and Triton's launcher stubs on CUDA
-        # are compiled at run time (gcc + Python.h). The dev flavor always has them; a slim
-        # CUDA image keeps them for Triton; a slim CPU image is for eager inference/training.
+        # are compiled at run time (gcc + Python.h). By default the dev flavor has them, a slim
+        # CUDA image keeps them for Triton and a slim CPU image (eager) does not; image.compilers
+        # decides otherwise (an eager-only CUDA image saves their ~0.2 GB, docs/image.md).
+        if self.compilers is not None:
+            return self.compilers
         return self.has_dev_tools or self.is_cuda
 
     def requirements(self, *, dev: bool) -> list[str]:
@@ -161,5 +182,5 @@ def resolve(project: Project, *, torch: str | None = None, cuda: str | None = No
         name=project.name, torch=full_torch, cuda=c, cuda_tag=cuda_tag, python=p, flavor=f,
         base=chosen, base_is_default=is_default, pip=tuple(img.pip), apt=tuple(img.apt),
         user=img.user.name, uid=img.user.uid, gid=img.user.gid or img.user.uid,
-        registry=img.registry, min_driver=min_driver,
+        registry=img.registry, min_driver=min_driver, pypi_cuda=rel.default_cuda, compilers=img.compilers,
     )

@@ -15,9 +15,12 @@ from pathlib import Path
 
 from ..errors import ImageError
 
-# manylinux_2_28 covers glibc >= 2.28 (Debian 11+, Ubuntu 20.04+); pip also accepts older tags.
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+# Every manylinux tag a glibc >= 2.28 target accepts (Debian 11+, Ubuntu 20.04+: every default
+# base). pip does not widen an explicit --platform to older tags, and several nvidia-* wheels
+# that torch's CUDA build needs carry only manylinux_2_27 or older tags, so all are listed.
+PLATFORMS = tuple(f"manylinux_2_{m}_x86_64" for m in range(28, 16, -1)) + ("manylinux2014_x86_64",)
 TORCH_INDEX_ENV = "CAPSULE_TORCH_INDEX"
+WHEELHOUSE_ENV = "CAPSULE_WHEELHOUSE"
 
 
 @dataclass(frozen=True)
@@ -41,18 +44,25 @@ class Target:
 
 
 def cache_dir(root: Path) -> Path:
-    return root / ".capsule" / "wheelhouse"
+    """Where downloaded wheels are kept: CAPSULE_WHEELHOUSE (one cache shared by projects and
+    builds on a machine; files are named and hash-checked, so sharing is safe) or the project's."""
+    shared = os.environ.get(WHEELHOUSE_ENV)
+    return Path(shared) if shared else root / ".capsule" / "wheelhouse"
 
 
-def index_args(torch_index: str | None) -> list[str]:
+def index_args(torch_index: str | None, *, refuse: str | None = None) -> list[str]:
     """The PyTorch wheel index for the chosen CUDA/CPU build, unless turned off ('none'),
     in which case pip's own configuration (index, find-links) decides. An index that does not
     answer is dropped with a warning: pip would retry it for minutes, and the pinned local
-    version (torch==X+cpu / +cuXXX) still cannot be satisfied by a different build."""
-    index = os.environ.get(TORCH_INDEX_ENV, torch_index)
+    version (torch==X+cpu / +cuXXX) still cannot be satisfied by a different build. With
+    `refuse` (a one-line error with an {index} field), an index that does not answer is an
+    error instead: the build needs that index and nothing else has it."""
+    index = os.environ.get(TORCH_INDEX_ENV) or torch_index  # set but empty: as if unset
     if not index or index == "none":
         return []
     if not _reachable(index):
+        if refuse:
+            raise ImageError(refuse.format(index=index))
         print(f"capsule: warning: the PyTorch index {index} does not answer; using pip's own configuration "
               f"(set {TORCH_INDEX_ENV}=none to skip this check)", file=sys.stderr)
         return []
@@ -61,8 +71,12 @@ def index_args(torch_index: str | None) -> list[str]:
 
 def _reachable(url: str, timeout: float = 5.0) -> bool:
     import urllib.error
+    import urllib.parse
     import urllib.request
 
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":  # a local mirror (a simple-index directory)
+        return Path(urllib.request.url2pathname(parsed.path)).is_dir()
     try:
         urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/", method="HEAD"), timeout=timeout)
         return True
@@ -73,15 +87,17 @@ def _reachable(url: str, timeout: float = 5.0) -> bool:
 
 
 def pip_download(requirements: list[str], target: Target, *, cache: Path, torch_index: str | None,
-                 constraints: list[str] | None = None, no_deps_lock: Path | None = None) -> list[Path]:
+                 constraints: list[str] | None = None, no_deps_lock: Path | None = None,
+                 refuse: str | None = None) -> list[Path]:
     """Resolve and download `requirements` for `target`; returns the files of exactly this
-    resolution (also kept in `cache`). With `no_deps_lock`, fetch the locked files as they are."""
+    resolution (also kept in `cache`). With `no_deps_lock`, fetch the locked files as they are.
+    `refuse`: see index_args."""
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="capsule-dl-", dir=cache.parent) as tmp:
         tmpd = Path(tmp)
         cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--progress-bar", "off",
                "--dest", str(tmpd / "out"), "--find-links", str(cache), *target.pip_args(),
-               *index_args(torch_index)]
+               *index_args(torch_index, refuse=refuse)]
         if no_deps_lock is not None:
             cmd += ["--no-deps", "--require-hashes", "-r", str(no_deps_lock)]
         else:
@@ -93,8 +109,8 @@ def pip_download(requirements: list[str], target: Target, *, cache: Path, torch_
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise ImageError(f"pip could not resolve the image's packages for Python {target.python_full}: "
-                             f"{_pip_reason(r.stderr or r.stdout)}; fix the package list in capsule.yaml "
-                             "(image.pip) or make the wheels reachable (pip config / --torch-index)")
+                             f"{_pip_reason(r.stderr or r.stdout)}; fix what pip names (image.pip, image.torch/cuda) "
+                             "or make the wheels reachable (pip config / --torch-index)")
         files = []
         for f in sorted((tmpd / "out").iterdir()):
             if not f.name.endswith(".whl"):
@@ -108,8 +124,19 @@ def pip_download(requirements: list[str], target: Target, *, cache: Path, torch_
 
 
 def _pip_reason(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("ERROR")]
-    return (lines[0] if lines else (text.strip().splitlines() or ["unknown error"])[-1])[:300]
+    """pip's own reason, on one line: its first ERROR line and, for a resolution conflict, the
+    requirements it names under "The conflict is caused by:" (the real cause, not a guess)."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    errors = [ln for ln in lines if ln.startswith("ERROR")]
+    reason = errors[0] if errors else next((ln for ln in reversed(lines) if ln), "unknown error")
+    if "The conflict is caused by:" in lines:
+        cause = []
+        for ln in lines[lines.index("The conflict is caused by:") + 1:]:
+            if not ln or ln.startswith(("To fix", "Additionally", "ERROR")):
+                break
+            cause.append(ln)
+        reason += " The conflict is caused by: " + "; ".join(cause)
+    return reason.removeprefix("ERROR: ")[:600]
 
 
 def materialize(files: list[Path], dest: Path) -> None:

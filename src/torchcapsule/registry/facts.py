@@ -1,9 +1,10 @@
-"""Provenance recorded with each registered version: git commit, image tag, lock hash and a
+"""Provenance recorded with each registered version: git commit, image tag and digest, lock hash and a
 fingerprint of the machine that trained it. No mlflow; torch is imported only for its versions."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -14,6 +15,10 @@ if TYPE_CHECKING:
     from ..config import Project
 
 LOCK_FILE = "capsule.lock"
+# Set by the launchers that start a stage inside the project image: the image's reference,
+# by digest when it was pushed (`capsule image push`), so lineage names what really ran.
+IMAGE_ENV = "CAPSULE_IMAGE"
+NOT_IN_IMAGE = "not in the image"
 
 
 def git_commit(root: Path) -> str:
@@ -41,6 +46,14 @@ def image_tag(project: "Project") -> str:
     from ..image.tags import project_tag
 
     return project_tag(project)
+
+
+def running_image() -> str:
+    """The image this process runs in (CAPSULE_IMAGE), or 'not in the image' on the host.
+
+    Only the launcher's word counts: /.dockerenv also exists on hosts that are themselves
+    containers (CI machines), which are not the project image."""
+    return os.environ.get(IMAGE_ENV, "").strip() or NOT_IN_IMAGE
 
 
 def machine_facts() -> dict[str, str]:

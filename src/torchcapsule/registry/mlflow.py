@@ -5,7 +5,7 @@ Layout of what `register` stores (one MLflow run and one registered model versio
   model    MLflow pyfunc "from code": pyfunc_model.py + artifacts/{model.safetensors, model.py,
            meta.json}; nothing pickled (see docs/registry.md)
   version  tags capsule.sha256.<file> (the checksums pull and serve verify), capsule.metric.<m>
-           (so list/show/rules need no run lookups), capsule.git_commit, capsule.image_tag,
+           (so list/show/rules need no run lookups), capsule.git_commit, capsule.image_tag, capsule.image,
            capsule.lock_hash, capsule.torch, capsule.cuda, capsule.fingerprint, capsule.machine
 """
 from __future__ import annotations
@@ -344,6 +344,9 @@ def register(project: "Project", model_dir: str | Path | None = None) -> ModelVe
     provenance = {
         "capsule.format": FORMAT, "capsule.project": project.name,
         "capsule.git_commit": fx.git_commit(project.root), "capsule.image_tag": fx.image_tag(project),
+        # The image the model was trained in, by digest when pushed: meta.json "image" when the
+        # train stage recorded it, else where this registration runs.
+        "capsule.image": str(meta.get("image") or fx.running_image()),
         "capsule.lock_hash": fx.lock_hash(project), "capsule.torch": machine["torch"],
         "capsule.cuda": machine["cuda"], "capsule.fingerprint": fx.fingerprint(machine),
         "capsule.machine": json.dumps(machine, sort_keys=True),

@@ -24,8 +24,9 @@ def _gpus(count: int) -> dict[str, Any]:
         {"driver": "nvidia", "count": count, "capabilities": ["gpu"]}]}}}
 
 
-def render(project: Project, *, mlflow_image: str = MLFLOW_IMAGE) -> dict[str, Any]:
-    tag = c.image(project)
+def render(project: Project, *, mlflow_image: str = MLFLOW_IMAGE, image: str | None = None) -> dict[str, Any]:
+    """`image`: what the services pull (the CLI passes the pushed digest); default the project tag."""
+    tag = image or c.image(project)
     user = project.image.user
     uid = f"{user.uid}:{user.gid or user.uid}"
     tracking = project.registry.tracking_uri or f"http://mlflow:{MLFLOW_PORT}"

@@ -13,7 +13,8 @@ from .cronjob import container_security, pod_spec
 
 
 def render(project: Project, *, replicas: int = 1, max_replicas: int = 4, gpus: int | None = None,
-           cpu_target: int = 70) -> list[dict[str, Any]]:
+           cpu_target: int = 70, image: str | None = None) -> list[dict[str, Any]]:
+    """`image`: what the cluster pulls (the CLI passes the pushed digest); default the project tag."""
     serve = project.serve
     name = c.k8s_name(f"{project.name}-serve")
     ns = project.targets.kubernetes.namespace
@@ -30,7 +31,7 @@ def render(project: Project, *, replicas: int = 1, max_replicas: int = 4, gpus: 
     probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3}
     container: dict[str, Any] = {
         "name": "serve",
-        "image": c.image(project),
+        "image": image or c.image(project),
         "workingDir": c.volume_paths(project)["workspace"],
         "command": argv,
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
