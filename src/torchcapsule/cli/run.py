@@ -28,14 +28,22 @@ def run(stage: str, file: str | None, backend_name: str, gpus: str | None, nodes
         dry_run: bool, detach: bool, force: bool) -> int:
     """Run STAGE of capsule.yaml; streams its logs and exits with its exit code."""
     from ..launch import get_backend
-    from ..launch.spec import job_spec
+    from ..launch.spec import job_spec, pulled_image
 
     project = load(file)
-    spec = job_spec(project, stage, gpus=gpus, nodes=nodes)
     backend = get_backend(backend_name, project=project)
+    image, refusal = pulled_image(project, backend)  # a cluster pulls it: by its pushed digest
+    spec = job_spec(project, stage, gpus=gpus, nodes=nodes, image=image)
     if dry_run:
         click.echo(backend.dryrun(spec).text)
+        if refusal:
+            click.echo(f"note: a real submission would be refused: {refusal}", err=True)
         return 0
+    if refusal:
+        from ..errors import ImageError
+
+        backend.check_available()  # a backend that cannot be used at all is the first thing to fix
+        raise ImageError(refusal)
     if backend_name in ("local", "slurm"):  # checkpoints on this machine's (or a shared) filesystem
         _one_writer(spec, force=force)
     job_id = backend.submit(spec)

@@ -280,7 +280,7 @@ def job_result(returncode: int, output_tail: str, *, distributed: bool, cancelle
     if distributed and returncode != 0:
         fr = failed_rank(output_tail)
         if fr is not None:
-            rank, rcode = fr
+            rank, rcode, _ = fr
             code = shell_exit_code(rcode)
             if rcode == PREEMPTED_EXIT_CODE:
                 reason = f"preempted: rank {rank} saved a checkpoint and exited {PREEMPTED_EXIT_CODE}; rerun to resume"

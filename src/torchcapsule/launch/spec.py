@@ -45,3 +45,14 @@ def job_spec(project: Project, stage_name: str, *, gpus: str | int | None = None
         retries=stage.retries,
         labels={"torchcapsule.project": project.name, "torchcapsule.stage": stage_name},
     )
+
+
+def pulled_image(project: Project, backend) -> tuple[str | None, str | None]:
+    """(image to name, refusal) for a backend whose machines pull the image from a registry: the
+    pushed digest, or the tag with the one line that says why a cluster cannot pull it yet
+    (image.push.pull_ref). (None, None) for backends that run the local image."""
+    if not backend.pulls_image:
+        return None, None
+    from ..image.push import pull_ref
+
+    return pull_ref(project)
