@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
-from ..config import GpuRequest, Project, SlurmTarget
+from ..config import ENV_KEY_RE, GpuRequest, Project, SlurmTarget
 from ..errors import BackendError, JobNotFound
 from . import _proc
 from ._command import explain_failure, nproc, shell_join, stage_argv
@@ -134,6 +134,9 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
     d += [f"--output={out}", "--open-mode=append", f"--chdir={spec.workdir}", "--requeue"]
     d += list(target.extra_directives)
 
+    bad = next((x for x in d if any(ch in x for ch in "\n\r\0")), None)
+    if bad is not None:  # config.py refuses these at the edge; a directive must stay one line
+        raise BackendError(f"sbatch directive {bad[:80]!r} spans lines; refused")
     lines = ["#!/bin/bash", *(f"#SBATCH {x}" for x in d), "set -euo pipefail"]
     c = target.container
     n = nproc(spec)
@@ -146,6 +149,8 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
         env = stage_env(spec, mounts={k: CONTAINER_MOUNTS[k] for k in spec.volumes}, nproc=n, cpu_count=spec.cpus)
         host_python, launcher = "python3", ("torchrun",)  # the project's interpreter is in the image
     for k, v in env.items():
+        if not ENV_KEY_RE.fullmatch(k):  # pasted unquoted: only a plain name may get here
+            raise BackendError(f"env key {k[:80]!r} is not a variable name; refused")
         lines.append(f"export {k}={shlex.quote(v)}")
     if spec.distributed == "ddp":
         lines += [
