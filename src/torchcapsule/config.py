@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,29 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+# Values echoed in errors are cut short: a value built from YAML aliases can be megabytes.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 4, 60, 60
+MAX_ECHO = 120
+
+
+def _short(value: Any) -> str:
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 3] + "..."
+
+
+# Anything pasted into a generated file (sbatch script, DAG, manifest) must stay on its line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+STAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _one_line(v: Any) -> Any:
+    if isinstance(v, str) and _CONTROL.search(v):
+        raise ValueError(f"{_short(v)} holds a newline or control character; write it on one line")
+    return v
+
+
 # -- sizes and GPUs ----------------------------------------------------------------------------
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?\s*$")
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -41,7 +65,7 @@ def parse_size(value: str | int) -> int:
         return value
     m = _SIZE_RE.match(str(value))
     if not m:
-        raise ValueError(f"'{value}' is not a size; use a number with a unit such as 512Mi, 8Gi or 2g")
+        raise ValueError(f"{_short(value)} is not a size; use a number with a unit such as 512Mi, 8Gi or 2g")
     num, unit = m.groups()
     return int(float(num) * _UNITS[(unit or "").lower()])
 
@@ -56,6 +80,16 @@ class GpuRequest(_Model):
         return f"{self.type}:{self.count}" if self.type else str(self.count)
 
 
+MAX_GPUS_PER_NODE = 1024  # far above any machine; stops 99999999999999999999 reaching a scheduler
+
+
+def _gpu_count(count: int, value: Any) -> int:
+    if count > MAX_GPUS_PER_NODE:
+        raise ValueError(f"{_short(value)} asks for more than {MAX_GPUS_PER_NODE} GPUs per node; "
+                         "use the GPUs of one node and resources.nodes for more")
+    return count
+
+
 def parse_gpus(value: Any) -> GpuRequest:
     if isinstance(value, GpuRequest):
         return value
@@ -64,15 +98,16 @@ def parse_gpus(value: Any) -> GpuRequest:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{value} GPUs is negative; use 0 or more, or TYPE:N such as H100:4")
-        return GpuRequest(count=value)
+        return GpuRequest(count=_gpu_count(value, value))
     if isinstance(value, str):
         text = value.strip()
         if text.isdigit():
-            return GpuRequest(count=int(text))
+            return GpuRequest(count=_gpu_count(int(text), value))
         if ":" in text:
             gtype, _, count = text.partition(":")
             if not count.strip().isdigit() or int(count) < 1:
-                raise ValueError(f"'{value}': the count after ':' must be a whole number >= 1, e.g. H100:4")
+                raise ValueError(f"{_short(value)}: the count after ':' must be a whole number >= 1, e.g. H100:4")
+            _gpu_count(int(count), value)
             from .compat import load_matrix
 
             matrix = load_matrix()
@@ -80,9 +115,9 @@ def parse_gpus(value: Any) -> GpuRequest:
             if model is None:
                 close = difflib.get_close_matches(gtype.upper(), list(matrix.gpus), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ValueError(f"unknown GPU type '{gtype}'{hint}; known: {', '.join(matrix.gpus)}")
+                raise ValueError(f"unknown GPU type {_short(gtype)}{hint}; known: {', '.join(matrix.gpus)}")
             return GpuRequest(count=int(count), type=model.name)
-    raise ValueError(f"'{value}' is not a GPU request; use a count such as 2 or TYPE:N such as H100:4")
+    raise ValueError(f"{_short(value)} is not a GPU request; use a count such as 2 or TYPE:N such as H100:4")
 
 
 # -- image ------------------------------------------------------------------------------------
@@ -148,6 +183,26 @@ class Volumes(_Model):
     data: str = "./data"
     models: str = "./models"
     logs: str = "./logs"
+    # A volume on `/` or a system directory, or a stage workdir outside the project, is refused
+    # unless this is set: containers mount volumes read-write.
+    allow_system_paths: bool = False
+
+    @field_validator("workspace", "data", "models", "logs")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _one_line(v)
+
+
+VOLUME_NAMES = ("workspace", "data", "models", "logs")
+# Host directories no volume may be (or, for the first group, lie under) without opt-in.
+_SYSTEM_TREES = ("/etc", "/proc", "/sys", "/dev", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib64")
+_SYSTEM_DIRS = ("/", "/var", "/root", "/home", "/run")
+
+
+def system_path(path: Path) -> bool:
+    """True for `/`, a top-level system directory, or anything under /etc, /proc, /usr..."""
+    p = path.as_posix()
+    return p in _SYSTEM_DIRS or any(p == t or p.startswith(t + "/") for t in _SYSTEM_TREES)
 
 
 # -- stages -----------------------------------------------------------------------------------
@@ -201,8 +256,18 @@ class Stage(_Model):
     @classmethod
     def _env(cls, v: Any) -> Any:
         if isinstance(v, dict):
+            for k in v:
+                # the key is pasted unquoted (`export KEY=...` in the sbatch script)
+                if not ENV_KEY_RE.fullmatch(str(k)):
+                    raise ValueError(f"env key {_short(str(k))} is not a variable name; "
+                                     "use letters, digits and '_', not starting with a digit")
             return {str(k): str(x) for k, x in v.items()}
         return v
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str | None) -> str | None:
+        return _one_line(v)
 
 
 # -- registry, serve, schedule, targets -------------------------------------------------------
@@ -282,6 +347,27 @@ class Schedule(_Model):
     def _cron(cls, v: str) -> str:
         return check_cron(v)
 
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        return check_timezone(v)
+
+
+def check_timezone(name: str) -> str:
+    """An IANA zone name the tz database knows (it is pasted into the DAG, CronJob, workflow)."""
+    import zoneinfo
+
+    try:
+        if not re.fullmatch(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", name):
+            raise ValueError
+        zoneinfo.ZoneInfo(name)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        close = difflib.get_close_matches(name, sorted(zoneinfo.available_timezones()), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"{_short(name)} is not a time zone of the tz database; {hint}"
+                         "use a name such as UTC or Europe/Berlin") from None
+    return name
+
 
 class Toleration(_Model):
     key: str | None = None
@@ -312,6 +398,18 @@ class SlurmTarget(_Model):
     # Interpreter whose environment (torchrun, the project's packages) runs the stage when no
     # container runtime is set; must exist on the compute nodes. Default: the submitting one.
     python: str | None = None
+
+    @field_validator("partition", "account", "qos", "time", "constraint", "python")
+    @classmethod
+    def _directive(cls, v: str | None) -> str | None:
+        return _one_line(v)  # each becomes one `#SBATCH --key=value` line
+
+    @field_validator("extra_directives")
+    @classmethod
+    def _directives(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for x in v:
+            _one_line(x)
+        return v
 
 
 class KubernetesTarget(_Model):
@@ -349,8 +447,8 @@ class Project(_Model):
     @classmethod
     def _stage_names(cls, v: dict[str, Stage]) -> dict[str, Stage]:
         for name in v:
-            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", name):
-                raise ValueError(f"stage name '{name}' may hold only letters, digits, '-' and '_'")
+            if not STAGE_NAME_RE.fullmatch(name):  # fullmatch: `$` would let "evil\n" through
+                raise ValueError(f"stage name {_short(name)} may hold only letters, digits, '-' and '_'")
         return v
 
     @model_validator(mode="after")
@@ -374,7 +472,28 @@ class Project(_Model):
                 f"@stages.{b}.needs: cycle {' -> '.join(cycle)}; remove '{a}' from stages.{b}.needs "
                 "(or another need on the cycle)"
             )
+        self._paths_contained()
         return self
+
+    def _paths_contained(self) -> None:
+        """Volumes on `/` or system directories, and workdirs leaving the project: opt-in only."""
+        if self.volumes.allow_system_paths:
+            return
+        optin = "set volumes.allow_system_paths: true if you mean it"
+        for name in VOLUME_NAMES:
+            host = self.volume_path(name)
+            if system_path(host):
+                raise ValueError(f"@volumes.{name}: {_short(getattr(self.volumes, name))} is {host}, a system "
+                                 f"directory that containers would mount read-write; use a project or data "
+                                 f"directory, or {optin}")
+        root = self.root.resolve()
+        for sname, stage in self.stages.items():
+            if stage.workdir is None:
+                continue
+            wd = (self.root / Path(stage.workdir).expanduser()).resolve()
+            if wd != root and root not in wd.parents:
+                raise ValueError(f"@stages.{sname}.workdir: {_short(stage.workdir)} is {wd}, outside the "
+                                 f"project {root}; use a directory inside it, or {optin}")
 
     def stage(self, name: str) -> Stage:
         if name not in self.stages:
@@ -410,8 +529,40 @@ def find_project_file(path: str | Path | None = None) -> Path:
 
 def load_project(path: str | Path | None = None) -> Project:
     file = find_project_file(path)
-    text = file.read_text()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                          "capsule.yaml must be a YAML text file") from None
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read it ({e.strerror})") from None
     return parse_project(text, file)
+
+
+# How many values a capsule.yaml may hold once its aliases are expanded. Real files hold a few
+# hundred; an alias bomb (each level repeating the previous one 9 times) passes millions.
+MAX_YAML_NODES = 50_000
+
+
+def expanded_size(root: Any) -> int:
+    """Number of nodes of a composed YAML graph with every alias expanded, without expanding it
+    (aliases share node objects: sizes are memoised per node, iteratively, no recursion)."""
+    import yaml
+
+    size: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        kids = ([x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            size[id(node)] = min(1 + sum(size.get(id(k), 0) for k in kids), MAX_YAML_NODES + 1)
+        else:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in size)
+    return size.get(id(root), 0)
 
 
 def parse_project(text: str, file: Path | str = PROJECT_FILE) -> Project:
@@ -420,18 +571,26 @@ def parse_project(text: str, file: Path | str = PROJECT_FILE) -> Project:
     file = Path(file)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        node = yaml.compose(text, Loader=loader)
+        if node is not None and expanded_size(node) > MAX_YAML_NODES:
+            raise ConfigError(f"{file}: its aliases (*name) expand to more than {MAX_YAML_NODES} values; "
+                              "refused (an alias bomb?); write the values out or use fewer aliases")
         data = yaml.load(text, Loader=loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{file}{line}: not valid YAML: {problem}; fix the syntax at that line") from None
+        raise ConfigError(f"{file}{line}: not valid YAML: {_short(problem)}; fix the syntax at that line") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: nested too deeply to read; flatten it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: expected a mapping with at least 'name:', got {type(data).__name__}")
     try:
         project = Project.model_validate({**data, "root": file.resolve().parent})
     except ValidationError as e:
         raise ConfigError(_format_error(e, file, text)) from None
+    except RecursionError:
+        raise ConfigError(f"{file}: nested too deeply to check; flatten it") from None
     return project
 
 
@@ -451,14 +610,16 @@ def _format_error(err: ValidationError, file: Path, text: str) -> str:
         hint = f"did you mean '{close[0]}'? " if close else ""
         msg = f"unknown key '{key}'; {hint}allowed: {', '.join(allowed)}"
     elif kind == "literal_error":
-        msg = f"{msg.replace('Input should be', 'must be')} (got {e['input']!r})"
+        msg = f"{msg.replace('Input should be', 'must be')} (got {_short(e['input'])})"
     elif kind == "missing":
         msg = "is required"
     elif kind.endswith("_type") or kind.endswith("_parsing"):
-        msg = f"{msg} (got {e['input']!r})"
+        msg = f"{msg} (got {_short(e['input'])})"
+    if len(msg) > 4 * MAX_ECHO:  # a message that quotes its value in full
+        msg = msg[:4 * MAX_ECHO - 3] + "..."
     line = _line_of(text, loc)
     where = f"{file}:{line}" if line else str(file)
-    return f"{where}: {'.'.join(loc)}: {msg}"
+    return f"{where}: {'.'.join(_short(p)[1:-1] if len(p) > MAX_ECHO else p for p in loc)}: {msg}"
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:
@@ -519,5 +680,5 @@ __all__ = [
     "Project", "Image", "User", "Volumes", "Stage", "Resources", "GpuRequest", "Registry",
     "Promotion", "Serve", "Schedule", "Targets", "DockerTarget", "SlurmTarget", "SlurmContainer",
     "KubernetesTarget", "Toleration", "load_project", "parse_project", "find_project_file",
-    "parse_size", "parse_gpus", "check_cron", "PROJECT_FILE",
+    "parse_size", "parse_gpus", "check_cron", "check_timezone", "PROJECT_FILE",
 ]

@@ -83,3 +83,30 @@ def test_no_kubeconfig_is_one_line(tmp_path):
     r = run_capsule("run", "train", "--on", "kubernetes", cwd=EXAMPLE,
                     env={"KUBECONFIG": str(tmp_path / "none"), "KUBERNETES_SERVICE_HOST": ""})
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "point KUBECONFIG" in r.stderr
+
+
+def test_the_job_names_the_pushed_image_by_digest_and_an_unpushed_one_is_refused(tmp_path):
+    """Dry run of an unpushed image: the manifest (with the tag) and a note of the refusal; a real
+    submission: refused in one line with the command that fixes it; once pushed: the digest."""
+    import shutil
+
+    from tests.conftest import write_pushed
+
+    proj = tmp_path / "digits"
+    shutil.copytree(EXAMPLE, proj, ignore=shutil.ignore_patterns(".capsule", "models", "logs", "data"))
+    text = (proj / "capsule.yaml").read_text()
+    (proj / "capsule.yaml").write_text(text.replace("\nname: digits\n", "\nname: digits-k8s\n", 1))
+    r = run_capsule("run", "train", "--on", "kubernetes", "--dry-run", cwd=proj, check=True)
+    assert "image: digits-k8s:2.13.0-cpu-py3.11-jupyter-ssh" in r.stdout
+    assert "note: a real submission would be refused: image digits-k8s:2.13.0-cpu-py3.11-jupyter-ssh has not " \
+           "been pushed" in r.stderr
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
+    r = run_capsule("run", "train", "--on", "kubernetes", cwd=proj, env={"KUBECONFIG": str(kubeconfig)})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "has not been pushed" in r.stderr and "capsule image push --flavor jupyter-ssh" in r.stderr
+    pinned = write_pushed(proj, "jupyter-ssh")
+    docs = _docs("--nodes", "2", cwd=proj)
+    assert docs[0]["spec"]["template"]["spec"]["containers"][0]["image"] == pinned
+    for d in docs:
+        kv.validate(d, newest_release(), strict=True)

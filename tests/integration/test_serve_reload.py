@@ -4,6 +4,8 @@ broken or tampered versions are rejected while the old one keeps serving."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from torchcapsule.serve.testing import write_mlp_dir
+from torchcapsule.serve.testing import MLP_CODE, write_mlp_dir
 
 from ._serve import broken_model, metric, running_server
 
@@ -128,3 +130,35 @@ def test_reload_metrics_and_models_endpoint(tmp_path):
         assert 'capsule_model_info{name="digits",version="b"} 1.0' in text
         assert 'version="a"' not in text
         assert httpx.get(s.url + "/v1/models").json()["models"][0]["version"] == "b"
+
+
+EXITING_CODE = MLP_CODE + "\nimport sys\nsys.exit(3)  # a hostile or careless model.py\n"
+
+
+def test_a_model_that_calls_sys_exit_cannot_end_hot_reload(tmp_path):
+    """Issue 14 item 1: it used to kill the watcher thread silently (/readyz stayed 200)."""
+    v1 = write_mlp_dir(tmp_path / "v" / "1", (64, 8, 10), version="1")
+    bad = write_mlp_dir(tmp_path / "v" / "2", (64, 8, 10), version="2", code=EXITING_CODE)
+    v3 = write_mlp_dir(tmp_path / "v" / "3", (64, 8, 10), version="3")
+    current = tmp_path / "current"
+    publish(current, v1)
+    with running_server(current, "--reload-interval", "0.2", tmp=tmp_path) as s:
+        publish(current, bad)
+        rejected = wait_event(s.url, "rejected", 1)
+        assert "sys.exit(3)" in rejected[0]["error"]
+        assert metric(httpx.get(s.url + "/metrics").text, 'capsule_model_reloads_total{result="rejected"}') == 1
+        assert "sys.exit(3)" in s.output()  # logged
+        ready = httpx.get(s.url + "/readyz")
+        assert ready.status_code == 200 and ready.json()["version"] == "1"
+        publish(current, v1)  # the rollback: still serving 1, the watcher still polling
+        publish(current, v3)  # a good version after the bad one is picked up
+        loaded = wait_event(s.url, "loaded", 1)
+        assert loaded[0]["version"] == "3"
+        assert httpx.post(s.url + "/v1/predict", json={"inputs": [0.1] * 64}).headers["x-model-version"] == "3"
+
+
+def test_a_first_version_that_calls_sys_exit_is_a_one_line_failure(tmp_path):
+    bad = write_mlp_dir(tmp_path / "bad", (64, 8, 10), version="1", code=EXITING_CODE)
+    r = subprocess.run([sys.executable, "-m", "torchcapsule.cli.main", "serve", str(bad), "--port", "0"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1 and "sys.exit(3)" in r.stderr and "Traceback" not in r.stderr

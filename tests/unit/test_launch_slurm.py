@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -156,7 +157,7 @@ def test_status_recovers_the_failing_ranks_code_from_torchruns_summary():
     log = ("[rank1]:boom\n  Root Cause (first observed failure):\n  [0]:\n    time      : x\n"
            "    host      : localhost\n    rank      : 1 (local_rank: 1)\n    exitcode  : 3 (pid: 7)\n")
     st = status_of({"JobState": "FAILED", "ExitCode": "1:0"}, "slurm:9", log)
-    assert st.exit_code == 3 and "rank 1 exited with 3" in st.reason
+    assert st.exit_code == 3 and "rank 1 on localhost exited with 3" in st.reason
 
 
 def test_bad_job_id_is_job_not_found(project):
@@ -215,3 +216,55 @@ def test_time_limit_trap_requeues_and_keeps_sruns_exit_code(project, tmp_path):
     assert proc.returncode == 7
     assert "requeueing from the last checkpoint" in out
     assert "requeue 42" in record.read_text()
+
+
+GPU_NODES = (Path(__file__).resolve().parents[1] / "fixtures" / "slurm" / "scontrol-show-node-gpu.txt").read_text()
+
+
+def test_node_gres_of_a_partition_from_scontrol_show_node():
+    from torchcapsule.launch.slurm import node_gres
+
+    assert node_gres(GPU_NODES, "gpu") == ["gpu:h100_80gb:8(S:0-1)"] * 2
+    assert node_gres(GPU_NODES, "debug") == []  # the CPU node has Gres=(null)
+    assert node_gres(GPU_NODES, None) == ["gpu:h100_80gb:8(S:0-1)"] * 2 + ["gpu:a100:4(S:0)"]
+
+
+def test_schedule_submits_the_gres_it_checked_against_the_cluster(project, monkeypatch):
+    """The dry run renders --gpus-per-node=h100:2 (nothing asked); the submission must carry the
+    cluster's own GRES name, h100_80gb:2, that the check resolved (it used to submit the dry run's)."""
+    backend = SlurmBackend(project, SlurmTarget(partition="gpu"))
+    dr = backend.dryrun(job_spec(project, "train", gpus="H100:2"))
+    assert "#SBATCH --gpus-per-node=h100:2" in dr.text
+    submitted = []
+
+    def fake_run(argv, stdin=None, **kw):
+        if argv[:3] == ["scontrol", "show", "node"]:
+            return subprocess.CompletedProcess(argv, 0, GPU_NODES, "")
+        assert argv[0] == "sbatch"
+        submitted.append(stdin)
+        return subprocess.CompletedProcess(argv, 0, "42\n", "")
+
+    monkeypatch.setattr("torchcapsule.launch._proc.run", fake_run)
+    assert backend.schedule(dr) == "slurm:42"
+    assert "#SBATCH --gpus-per-node=h100_80gb:2\n" in submitted[0]
+    assert "h100:2" not in submitted[0].replace("h100_80gb:2", "")
+
+
+def test_several_nodes_label_each_line_and_say_where_the_rendezvous_is(project):
+    script = render_script(job_spec(project, "train", nodes=2), project.targets.slurm, python="/p/bin/python")
+    assert 'echo "torchcapsule: rendezvous $head_node:$port, 2 node(s)"' in script
+    assert "srun --kill-on-bad-exit=1 --label " in script and "--nnodes 2 " in script
+    one = render_script(job_spec(project, "train"), project.targets.slurm, python="/p/bin/python")
+    assert "--label" not in one  # one node: lines as torchrun writes them
+
+
+def test_a_container_runtime_pulls_the_project_image_and_gets_told_which(project):
+    assert not SlurmBackend(project).pulls_image  # the project's own interpreter: nothing pulled
+    assert SlurmBackend(project, SlurmTarget(container=SlurmContainer(runtime="pyxis"))).pulls_image
+    assert not SlurmBackend(project, SlurmTarget(container=SlurmContainer(runtime="pyxis", image="x:1"))).pulls_image
+    pinned = "r.example/acme/digits@sha256:" + "ab" * 32
+    script = render_script(job_spec(project, "train", image=pinned),
+                           SlurmTarget(container=SlurmContainer(runtime="pyxis")), python="/p/bin/python")
+    assert f"--container-image={pinned}" in script and f"export CAPSULE_IMAGE={pinned}" in script
+    host = render_script(job_spec(project, "train", image=pinned), project.targets.slurm, python="/p/bin/python")
+    assert "CAPSULE_IMAGE" not in host  # on the host: lineage says "not in the image"

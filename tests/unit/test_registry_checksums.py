@@ -68,7 +68,7 @@ def test_pickled_weights_are_refused_even_with_a_matching_checksum(tmp_path):
     with pytest.raises(IntegrityError, match="pickled"):
         cks.verify(d, cks.digest_dir(d))
     (d / "model.safetensors").write_bytes(pickle.dumps(_Boom(), protocol=0))  # text protocol, no magic
-    with pytest.raises(IntegrityError, match="not a safetensors file"):
+    with pytest.raises(IntegrityError, match="is not safetensors"):
         cks.verify(d, cks.digest_dir(d))
     d2 = _model_dir(tmp_path / "x")
     (d2 / "extra.pt").write_bytes(b"anything")
@@ -177,7 +177,7 @@ def test_register_refuses_a_bad_model_dir_before_touching_the_registry(tmp_path)
     (d / "meta.json").write_text(json.dumps({"kwargs": {}, "input_shape": [2]}))
     assert read_model_dir(d)["input_shape"] == [2]
     (d / "model.safetensors").write_bytes(pickle.dumps({"w": [1.0, 2.0]}))
-    with pytest.raises(IntegrityError, match="not a safetensors file"):
+    with pytest.raises(IntegrityError, match="is not safetensors"):
         read_model_dir(d)
     (d / "model.py").unlink()
     with pytest.raises(RegistryError, match="missing model.py"):

@@ -101,7 +101,7 @@ Root Cause (first observed failure):
   rank      : 1 (local_rank: 1)
   exitcode  : 3 (pid: 7511)
 """
-    assert failed_rank(out) == (1, 3)
-    assert failed_rank(out.replace(": 3 (pid", ": -9 (pid")) == (1, -9)
+    assert failed_rank(out)[:2] == (1, 3)
+    assert failed_rank(out.replace(": 3 (pid", ": -9 (pid"))[:2] == (1, -9)
     assert failed_rank("all good") is None
     assert shell_exit_code(-9) == 137 and shell_exit_code(3) == 3

@@ -162,18 +162,27 @@ def show(ref: str, file: str | None, tracking_uri: str | None, as_json: bool) ->
 
 @models.command()
 @click.argument("ref", metavar="NAME@ALIAS|NAME/VERSION")
-@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False),
-              help="Directory to write model.safetensors, model.py, meta.json, checksums.sha256 into.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(),
+              help="New or empty directory to write model.safetensors, model.py, meta.json, "
+                   "checksums.sha256 into.")
+@click.option("--force", is_flag=True, help="Replace the model directory at --output (its model files "
+              "and stale weights only; a folder holding anything else is still refused).")
 @file_option
 @tracking_option
 @json_option
-def pull(ref: str, output: str, file: str | None, tracking_uri: str | None, as_json: bool) -> None:
+def pull(ref: str, output: str, force: bool, file: str | None, tracking_uri: str | None, as_json: bool) -> None:
     """Download a version as a model directory, verifying every sha256 (nothing is unpickled)."""
-    from .. import registry
+    from pathlib import Path
 
+    from .. import registry
+    from ..registry.checksums import check_destination
+
+    if not output.strip():  # Path("") is the current directory: never write there by accident
+        raise ConfigError("-o/--output: empty path; name the directory to write the model into")
+    check_destination(Path(output), force=force)  # before contacting the registry
     _, uri = _store(file, tracking_uri)
     mv = registry.resolve(ref, tracking_uri=uri)
-    dest = registry.download(mv.uri, output, tracking_uri=uri)
+    dest = registry.download(mv.uri, output, tracking_uri=uri, force=force)
     if as_json:
         print_json({**mv.to_dict(), "path": str(dest)})
         return

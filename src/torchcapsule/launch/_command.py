@@ -46,6 +46,6 @@ def explain_failure(code: int | None, log: str) -> tuple[int | None, str | None]
     found = failed_rank(log) if log else None
     if found is None:
         return code, None
-    rank, rank_code = found
+    rank, rank_code, host = found
     real = shell_exit_code(rank_code)
-    return real, f"rank {rank} exited with {real}"
+    return real, f"rank {rank}{f' on {host}' if host else ''} exited with {real}"

@@ -97,6 +97,9 @@ class DryRun:
 
 class Backend(ABC):
     name: str = ""
+    # True when the job's machines pull the image from a registry (a cluster), so it must be
+    # named by its pushed digest (image.push.pull_ref); False when it runs here.
+    pulls_image: bool = False
 
     # -- owned by the base class ------------------------------------------------------------
     def submit(self, spec: JobSpec) -> str:

@@ -365,6 +365,7 @@ def kubeconfig_paths() -> list[Path]:
 
 class KubernetesBackend(Backend):
     name = "kubernetes"
+    pulls_image = True
 
     def __init__(self, project: Project | None = None, target: KubernetesTarget | None = None,
                  apis: Apis | None = None) -> None:

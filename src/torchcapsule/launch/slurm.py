@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
-from ..config import GpuRequest, Project, SlurmTarget
+from ..config import ENV_KEY_RE, GpuRequest, Project, SlurmTarget
 from ..errors import BackendError, JobNotFound
 from . import _proc
 from ._command import explain_failure, nproc, shell_join, stage_argv
@@ -95,6 +95,18 @@ def gpu_gres(req: GpuRequest, gres: list[str] | None) -> tuple[str | None, str |
     return value, None
 
 
+def node_gres(scontrol_nodes: str, partition: str | None) -> list[str]:
+    """The Gres of each node (of `partition`, else all) in `scontrol show node -o` output (pure)."""
+    out = []
+    for line in scontrol_nodes.splitlines():
+        rec = parse_record(line) if line.strip() else {}
+        if partition and partition not in rec.get("Partitions", "").split(","):
+            continue
+        if rec.get("Gres") not in (None, "", "(null)"):
+            out.append(rec["Gres"])
+    return out
+
+
 def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list[str] | None = None) -> str:
     """The sbatch script for a stage (pure)."""
     gpus, problem = gpu_gres(spec.gpus, gres)
@@ -122,6 +134,9 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
     d += [f"--output={out}", "--open-mode=append", f"--chdir={spec.workdir}", "--requeue"]
     d += list(target.extra_directives)
 
+    bad = next((x for x in d if any(ch in x for ch in "\n\r\0")), None)
+    if bad is not None:  # config.py refuses these at the edge; a directive must stay one line
+        raise BackendError(f"sbatch directive {bad[:80]!r} spans lines; refused")
     lines = ["#!/bin/bash", *(f"#SBATCH {x}" for x in d), "set -euo pipefail"]
     c = target.container
     n = nproc(spec)
@@ -134,6 +149,8 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
         env = stage_env(spec, mounts={k: CONTAINER_MOUNTS[k] for k in spec.volumes}, nproc=n, cpu_count=spec.cpus)
         host_python, launcher = "python3", ("torchrun",)  # the project's interpreter is in the image
     for k, v in env.items():
+        if not ENV_KEY_RE.fullmatch(k):  # pasted unquoted: only a plain name may get here
+            raise BackendError(f"env key {k[:80]!r} is not a variable name; refused")
         lines.append(f"export {k}={shlex.quote(v)}")
     if spec.distributed == "ddp":
         lines += [
@@ -142,10 +159,13 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
             'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             "port=$(" + shlex.quote(host_python)
             + " -c 'import socket; s=socket.socket(); s.bind((\"\", 0)); print(s.getsockname()[1])')",
+            f'echo "torchcapsule: rendezvous $head_node:$port, {spec.nodes} node(s)"',
         ]
     lines.append('echo "torchcapsule: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST '
                  '(restart ${SLURM_RESTART_COUNT:-0})"')
-    srun = ["srun", "--kill-on-bad-exit=1"]
+    # Several nodes: each output line starts with its node's task number ("1: ..."), so the one
+    # log tells the nodes apart.
+    srun = ["srun", "--kill-on-bad-exit=1", *(["--label"] if spec.nodes > 1 else [])]
     inner = stage_argv(spec, rdzv_endpoint="$head_node:$port", rdzv_id="$SLURM_JOB_ID",
                        launcher=launcher, python=host_python if c is None else "python")
     if c is not None:
@@ -235,6 +255,11 @@ class SlurmBackend(Backend):
         self.target = target or (project.targets.slurm if project else SlurmTarget())
 
     @property
+    def pulls_image(self) -> bool:  # type: ignore[override]
+        """With a container runtime the nodes pull the project image (unless one is named)."""
+        return self.target.container is not None and not self.target.container.image
+
+    @property
     def python(self) -> str:
         return self.target.python or sys.executable
 
@@ -252,11 +277,8 @@ class SlurmBackend(Backend):
                                f"partitions: {', '.join(parts)}")
 
     def _gres(self) -> list[str]:
-        args = ["sinfo", "-h", "-o", "%G"]
-        if self.target.partition:
-            args += ["-p", self.target.partition]
-        r = _proc.run(args, timeout=30)
-        return [g for g in r.stdout.split() if g != "(null)"]
+        r = _proc.run(["scontrol", "show", "node", "-o"], timeout=30)
+        return node_gres(r.stdout, self.target.partition)
 
     def dryrun(self, spec: JobSpec) -> DryRun:
         script = render_script(spec, self.target, python=self.python)
@@ -264,10 +286,11 @@ class SlurmBackend(Backend):
 
     def schedule(self, dryrun: DryRun) -> str:
         spec = dryrun.spec
-        if spec.gpus.count:  # only now may we ask the cluster what it has
-            render_script(spec, self.target, python=self.python, gres=self._gres())
+        script = dryrun.request
+        if spec.gpus.count:  # only now may we ask the cluster what it has, and submit what was checked
+            script = render_script(spec, self.target, python=self.python, gres=self._gres())
         (spec.log_dir / "slurm").mkdir(parents=True, exist_ok=True)
-        r = _proc.run(["sbatch", "--parsable"], stdin=dryrun.request, timeout=60)
+        r = _proc.run(["sbatch", "--parsable"], stdin=script, timeout=60)
         if r.returncode != 0:
             raise BackendError(f"sbatch refused the job: {_proc.first_line(r.stderr)}")
         return self.job_id(r.stdout.strip().split(";")[0])

@@ -72,3 +72,14 @@ def tracking_env(project: Project, stage_name: str, image: str) -> dict[str, str
         context["image_digest"] = pushed.pinned
     return {"CAPSULE_TRACKING_URI": uri, "CAPSULE_TRACKING_ARTIFACTS": artifact_root(project) or "",
             "CAPSULE_TRACKING_CONTEXT": json.dumps(context, sort_keys=True)}
+
+
+def pulled_image(project: Project, backend) -> tuple[str | None, str | None]:
+    """(image to name, refusal) for a backend whose machines pull the image from a registry: the
+    pushed digest, or the tag with the one line that says why a cluster cannot pull it yet
+    (image.push.pull_ref). (None, None) for backends that run the local image."""
+    if not backend.pulls_image:
+        return None, None
+    from ..image.push import pull_ref
+
+    return pull_ref(project)

@@ -130,6 +130,8 @@ def capsule_env(spec: JobSpec, *, mounts: Mapping[str, str] | None = None) -> di
     for vol in ("data", "models", "logs", "workspace"):
         if vol in paths:
             env[f"CAPSULE_{vol.upper()}_DIR"] = str(paths[vol])
+    if mounts is not None:  # in the project image: lineage records which (registry.facts.running_image)
+        env["CAPSULE_IMAGE"] = spec.image
     env.update(_tracking_env(spec, mounts))
     return env
 
@@ -178,8 +180,8 @@ def stage_env(
     return env
 
 
-def failed_rank(torchrun_output: str) -> tuple[int, int] | None:
-    """(rank, exitcode) of the root-cause failure in torchrun's error summary, if it printed one.
+def failed_rank(torchrun_output: str) -> tuple[int, int, str | None] | None:
+    """(rank, exitcode, host) of the root-cause failure in torchrun's error summary, if it printed one.
 
     torchrun exits 1 whatever the rank's code was; this recovers the real code:
         rank      : 1 (local_rank: 1)
@@ -188,13 +190,18 @@ def failed_rank(torchrun_output: str) -> tuple[int, int] | None:
     """
     import re
 
-    root = torchrun_output.rfind("Root Cause")
-    text = torchrun_output[root:] if root >= 0 else torchrun_output
-    m_rank = re.search(r"^\s*rank\s*:\s*(\d+)", text, re.M)
-    m_code = re.search(r"^\s*exitcode\s*:\s*(-?\d+)", text, re.M)
-    if not (m_rank and m_code):
-        return None
-    return int(m_rank.group(1)), int(m_code.group(1))
+    # Several nodes: one summary per node, lines prefixed by srun --label ("1: "). The root cause
+    # is a rank that exited by itself, not one killed (negative code) when the job was torn down.
+    found = None
+    for text in torchrun_output.split("Root Cause")[1:] or [torchrun_output]:
+        m_rank = re.search(r"^(?:\d+: )?\s*rank\s*:\s*(\d+)", text, re.M)
+        m_code = re.search(r"^(?:\d+: )?\s*exitcode\s*:\s*(-?\d+)", text, re.M)
+        m_host = re.search(r"^(?:\d+: )?\s*host\s*:\s*(\S+)", text, re.M)
+        if m_rank and m_code:
+            here = int(m_rank.group(1)), int(m_code.group(1)), m_host.group(1) if m_host else None
+            if found is None or (found[1] < 0 <= here[1]):
+                found = here
+    return found
 
 
 def shell_exit_code(code: int) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Project
-from ..errors import CapsuleError, PipelineError
+from ..errors import CapsuleError, ImageError, PipelineError
 from . import cache, dag
 
 
@@ -302,7 +302,7 @@ class Runner:
     def _stage(self, rec: RunRecord, name: str, backend, progress: Progress, run_dir: Path,
                history: list[RunRecord]) -> bool:
         """Decide and carry out one stage; False stops the run."""
-        from ..launch.spec import job_spec
+        from ..launch.spec import job_spec, pulled_image
 
         st = rec.stage(name)
         stage = self.project.stages[name]
@@ -320,7 +320,8 @@ class Runner:
             progress.event(st)
             return True
 
-        spec = job_spec(self.project, name)
+        image, refusal = pulled_image(self.project, backend)  # a cluster pulls it by its digest
+        spec = job_spec(self.project, name, image=image)
         outputs_file = run_dir / f"{name}.outputs.json"
         spec = dataclasses.replace(spec, env={
             **spec.env, "CAPSULE_PIPELINE_RUN_ID": rec.run_id, "CAPSULE_PIPELINE_STAGE": name,
@@ -333,6 +334,8 @@ class Runner:
         self.store.save(rec)
         progress.event(st)
         try:
+            if refusal:
+                raise ImageError(refusal)
             st.job_id = backend.submit(spec)
         except CapsuleError as e:
             st.state, st.reason, st.exit_code = "failed", str(e), None

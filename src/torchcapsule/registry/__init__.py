@@ -7,6 +7,7 @@
     download(uri, dest) -> Path                         model directory, sha256 verified
     verify_model_dir(path)                              re-check a pulled directory (serve does)
     tracking_uri(project) -> str
+    store_uri(project=, tracking_uri=) -> str           the store those functions use
 
 Only `torchcapsule.registry.mlflow` imports mlflow, and only when one of these functions runs:
 importing this package stays cheap (the CLI's --help imports it never, `list` only when it runs).
@@ -20,7 +21,7 @@ from .types import ModelRef, ModelVersion, PromotionDecision, parse_model_uri
 
 _LAZY = {
     "register": "mlflow", "promote": "mlflow", "apply_rule": "mlflow", "resolve": "mlflow",
-    "download": "mlflow", "list_models": "mlflow", "list_versions": "mlflow",
+    "download": "mlflow", "list_models": "mlflow", "list_versions": "mlflow", "store_uri": "mlflow",
     "tracking_uri": "store", "verify_model_dir": "checksums",
 }
 
@@ -35,5 +36,5 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ModelRef", "ModelVersion", "PromotionDecision", "parse_model_uri",
     "register", "promote", "apply_rule", "resolve", "download", "list_models", "list_versions",
-    "tracking_uri", "verify_model_dir",
+    "tracking_uri", "verify_model_dir", "store_uri",
 ]

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from .._util import sha256_file
-from ..errors import IntegrityError
+from ..errors import IntegrityError, RegistryError
 from .types import CHECKSUMS, MODEL_FILES, WEIGHTS
 
 # Suffixes of formats that unpickle on load (torch.load, joblib, cloudpickle): never accepted.
@@ -46,14 +46,27 @@ def looks_pickled(path: Path) -> bool:
 def check_safetensors_header(path: Path) -> None:
     """A weight file must be safetensors, never a pickle."""
     if path.suffix.lower() in PICKLE_SUFFIXES or not is_safetensors(path):
+        with open(path, "rb") as fh:
+            pickled = fh.read(4).startswith(_PICKLE_MAGIC)
         raise IntegrityError(
-            f"{path}: not a safetensors file (pickled or corrupt weights are refused, never loaded); "
-            "re-export the state_dict with safetensors.torch.save_file and register again"
+            f"{path}: {path.name} is not safetensors ({'it starts like a pickle' if pickled else 'maybe a pickle, or corrupt'}; "
+            "such weights are refused, never loaded); re-export the state_dict with "
+            "safetensors.torch.save_file and register again"
         )
 
 
-def verify(model_dir: Path, expected: dict[str, str], *, origin: str = "") -> None:
-    """Every recorded file exists and matches; the weights are safetensors; nothing pickled."""
+def verify(model_dir: Path, expected: dict[str, str], *, origin: str = "", shown_as: str | None = None) -> None:
+    """Every recorded file exists and matches; the weights are safetensors; nothing pickled.
+    `shown_as` replaces model_dir in messages (a staging folder that will be gone)."""
+    try:
+        _verify(model_dir, expected, origin)
+    except IntegrityError as e:
+        if shown_as is None:
+            raise
+        raise IntegrityError(e.message.replace(str(model_dir), shown_as), hint=e.hint) from None
+
+
+def _verify(model_dir: Path, expected: dict[str, str], origin: str) -> None:
     where = f" ({origin})" if origin else ""
     if not expected:
         raise IntegrityError(
@@ -103,3 +116,25 @@ def verify_model_dir(model_dir: str | Path) -> None:
     """Re-check a pulled model directory against its checksums.sha256 (serve calls this at load)."""
     model_dir = Path(model_dir)
     verify(model_dir, read_checksums(model_dir), origin=f"checked against {CHECKSUMS}")
+
+
+def check_destination(dest: Path, *, force: bool) -> list[Path]:
+    """Where `capsule models pull` may write (pure apart from listing DEST): a new or empty
+    directory, or with `force` a model directory (model files and weights only, never a project).
+    Returns the files to delete so no stale weights (a model.pt) stay beside the new model."""
+    if dest.exists() and not dest.is_dir():
+        raise RegistryError(f"{dest}: exists and is not a directory; pass -o with a new or empty directory")
+    entries = sorted(dest.iterdir()) if dest.is_dir() else []
+    if not entries:
+        return []
+    names = ", ".join(e.name for e in entries[:5]) + (", ..." if len(entries) > 5 else "")
+    if not force:
+        raise RegistryError(f"{dest}: not empty (holds {names}); pull into a new or empty directory, "
+                            "or pass --force to replace the model directory there")
+    ours = {*MODEL_FILES, CHECKSUMS}
+    others = [e.name for e in entries
+              if not (e.is_file() and (e.name in ours or e.suffix.lower() in (*PICKLE_SUFFIXES, ".safetensors")))]
+    if others:
+        raise RegistryError(f"{dest}: --force replaces a model directory, but this one also holds "
+                            f"{', '.join(others[:5])}; pull into a new or empty directory")
+    return [e for e in entries if e.name not in ours]

@@ -108,6 +108,11 @@ def _errors(uri: str, **ctx: str) -> Iterator[None]:
         raise
 
 
+def store_uri(*, project: "Project | None" = None, tracking_uri: str | None = None) -> str:
+    """The tracking URI the other functions use for these arguments (names a store)."""
+    return _uri_for(project, tracking_uri)
+
+
 def _uri_for(project: "Project | None", tracking: str | None) -> str:
     if tracking:
         return tracking
@@ -520,10 +525,14 @@ def _pyfunc_layout(root: Path, origin: str) -> dict[str, Path]:
 
 
 def download(uri: str, dest: str | Path, *, project: "Project | None" = None,
-             tracking_uri: str | None = None) -> Path:
+             tracking_uri: str | None = None, force: bool = False) -> Path:
     """Fetch a version into DEST as a model directory (model.safetensors, model.py, meta.json,
     checksums.sha256), every file checked against the sha256 recorded at registration.
-    Nothing is unpickled; a mismatch or a pickled entry raises IntegrityError and leaves DEST as it was."""
+    DEST must be new or empty (`force`: a model directory, whose stale weights are removed).
+    Files are staged beside DEST and moved in only after all verified: nothing is unpickled,
+    and a mismatch, a pickled entry or any failure leaves DEST as it was (not even created)."""
+    dest = Path(dest)
+    stale = cks.check_destination(dest, force=force)  # before any registry call
     store = _uri_for(project, tracking_uri)
     client = _client(store)
     mv = _resolve(client, store, uri)
@@ -531,19 +540,30 @@ def download(uri: str, dest: str | Path, *, project: "Project | None" = None,
     if mv.tags.get("capsule.format") != FORMAT or not mv.checksums:
         raise IntegrityError(f"{origin}: not registered by torchcapsule (no recorded checksums); "
                              "refused without loading; register the model with `capsule models register`")
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     import mlflow
 
-    with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest) as tmp, _errors(store):
+    anchor = next(p for p in (dest.absolute(), *dest.absolute().parents) if p.is_dir())
+    try:
+        staging = tempfile.TemporaryDirectory(prefix=f".{dest.name or 'model'}.pull-", dir=anchor)
+    except OSError as e:
+        raise RegistryError(f"{dest}: cannot write there ({e.strerror or e} in {anchor}); "
+                            "pass -o with a writable directory") from None
+    with staging as tmp, _errors(store):
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=origin, dst_path=str(Path(tmp) / "m")))
         layout = _pyfunc_layout(root, origin)
         stage = Path(tmp) / "stage"
         stage.mkdir()
         for fname, path in layout.items():
             shutil.copyfile(path, stage / fname)
-        cks.verify(stage, mv.checksums, origin=origin)
+        cks.verify(stage, mv.checksums, shown_as=origin)  # name the registry's file, not the staging one
         cks.write_checksums(stage, mv.checksums)
-        for f in stage.iterdir():  # only after everything verified: DEST never holds a bad file
-            os.replace(f, dest / f.name)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in stale:
+                f.unlink()
+            for f in stage.iterdir():  # only after everything verified: DEST never holds a bad file
+                os.replace(f, dest / f.name)
+        except OSError as e:
+            raise RegistryError(f"{dest}: cannot write the model there ({e.strerror or e}); "
+                                "pass -o with a writable directory") from None
     return dest

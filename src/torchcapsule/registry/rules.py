@@ -27,6 +27,10 @@ _ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, a
             ast.Compare, ast.BinOp, ast.Constant, ast.Name, ast.Attribute, ast.Load,
             *_CMP, *_ARITH)
 WHERE = "registry.promote.rule"
+# Rules are a line or two; a longer one (3,000 `+` terms, 50k `not`) only exhausts the parser's
+# stack or memory, so it is refused before parsing.
+MAX_RULE_CHARS = 1000
+MAX_RULE_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,24 @@ class _Missing:
 
 
 def parse_rule(text: str, where: str = WHERE) -> Rule:
+    if len(text) > MAX_RULE_CHARS:
+        raise ConfigError(f"{where}: the rule is {len(text)} characters, over the limit of {MAX_RULE_CHARS}; "
+                          "write a shorter rule (a few comparisons joined by and/or)")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
         raise ConfigError(f"{where}: '{text}' is not a valid rule ({e.msg}); "
                           "write e.g. 'accuracy >= 0.95 and accuracy >= champion.accuracy'") from None
+    except (RecursionError, MemoryError):  # nesting too deep for the parser, within the length cap
+        raise ConfigError(f"{where}: the rule is nested too deeply to parse; write a flatter rule") from None
+    depth, stack = 0, [(tree, 1)]
+    while stack:  # evaluate() and the reasons recurse per level: bound it here, once
+        node, d = stack.pop()
+        depth = max(depth, d)
+        stack.extend((child, d + 1) for child in ast.iter_child_nodes(node))
+    if depth > MAX_RULE_DEPTH:
+        raise ConfigError(f"{where}: the rule nests {depth} levels deep, over the limit of {MAX_RULE_DEPTH}; "
+                          "write a flatter rule (a few comparisons joined by and/or)")
     metrics, aliases = set(), set()
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED):

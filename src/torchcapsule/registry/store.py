@@ -66,21 +66,28 @@ def writer_lock(uri: str, timeout_s: float = 300.0) -> Iterator[None]:
     if db is None:
         yield
         return
+    with file_lock(db.with_name(db.name + ".lock"), timeout_s,
+                   f"{db}: another registration held the store lock for over {timeout_s:.0f}s; "
+                   "wait for it to finish or remove a stale process"):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float, on_timeout: str) -> Iterator[None]:
+    """An exclusive fcntl lock on PATH across processes (released if the holder dies);
+    RegistryError(on_timeout) past timeout_s."""
     import fcntl
 
-    db.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
-    with open(db.with_name(db.name + ".lock"), "a+") as fh:
+    with open(path, "a+") as fh:
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise RegistryError(
-                        f"{db}: another registration held the store lock for over {timeout_s:.0f}s; "
-                        "wait for it to finish or remove a stale process"
-                    ) from None
+                    raise RegistryError(on_timeout) from None
                 time.sleep(0.05)
         try:
             yield

@@ -23,7 +23,7 @@ import msgspec
 from .batcher import Batcher, Closed, QueueFull
 from .handler import Handler, InputError
 from .metrics import Metrics
-from .reload import ErrorBody, Runner, VersionSource, Watcher, load_version
+from .reload import ErrorBody, Runner, VersionSource, Watcher, describe_failure, load_version
 
 log = logging.getLogger("torchcapsule.serve")
 
@@ -94,6 +94,11 @@ class ServeApp:
     # ------------------------------------------------------------------ hot path
     async def _predict(self, scope, receive, send) -> None:
         t0 = time.perf_counter()
+        if self.batcher.depth >= self.settings.max_queue:
+            # Full: answer before reading or decoding the body, so overload costs microseconds
+            # per refused request and the loop's time goes to the batches of accepted ones.
+            return await self._reply(send, 503, f"queue full ({self.settings.max_queue} requests waiting)",
+                                     t0=t0, extra=[(b"retry-after", b"%d" % self.settings.retry_after_s)])
         limit = self.settings.max_body_bytes
         for k, v in scope["headers"]:
             if k == b"content-length":
@@ -200,8 +205,10 @@ class ServeApp:
         try:
             key = await asyncio.to_thread(self.source.current)
             runner = await asyncio.to_thread(self._load, key)
-        except Exception as e:
-            self.failed = str(e)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a model.py calling sys.exit() is a load failure
+            self.failed = describe_failure(e)
             log.error("cannot serve %s: %s", self.source.uri, e)
             if self.on_fatal is not None:
                 self.on_fatal(self.failed)
@@ -269,6 +276,9 @@ def build_admin(app: ServeApp):
         if r is None:
             body = {"status": "failed" if app.failed else "loading", "error": app.failed}
             return JSONResponse(body, status_code=503)
+        if app.watcher is not None and not app.watcher.alive:  # new versions would never arrive
+            return JSONResponse({"status": "failed", "error": "the hot-reload watcher stopped",
+                                 "version": r.version}, status_code=503)
         return {"status": "ready", "model": r.model.name, "version": r.version}
 
     @api.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -108,6 +108,24 @@ class Outputs(msgspec.Struct):
     outputs: list[Any]
 
 
+# The values each input dtype holds: a JSON number outside them (1e308 for float32, inf) would
+# become inf in the tensor and null scores in the answer, so it is refused while decoding (422
+# naming the element, and minimum/maximum in the OpenAPI schema).
+DTYPE_RANGE: dict[str, tuple[float, float]] = {
+    "float32": (-3.4028234663852886e38, 3.4028234663852886e38),
+    "float16": (-65504.0, 65504.0),
+    "bfloat16": (-3.3895313892515355e38, 3.3895313892515355e38),
+    "float64": (-1.7976931348623157e308, 1.7976931348623157e308),
+    "int64": (-(2**63), 2**63 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+}
+
+
+def _ranged(elem: type, dtype: str) -> Any:
+    lo, hi = DTYPE_RANGE[dtype]
+    return Annotated[elem, msgspec.Meta(ge=elem(lo), le=elem(hi))]
+
+
 def _nested(elem: type, shape: tuple[int, ...]) -> Any:
     """list[list[...elem]] with exact lengths, so msgspec checks shape and type while decoding."""
     t: Any = elem
@@ -130,7 +148,7 @@ class DefaultHandler(Handler):
         self.labels = model.labels
         # Nested lists of exactly input_shape: msgspec checks lengths and element types while
         # decoding, and the same type gives the OpenAPI schema (minItems/maxItems).
-        inputs_t = _nested(elem, shape)
+        inputs_t = _nested(_ranged(elem, model.input_dtype), shape)
         self.Request = msgspec.defstruct(  # type: ignore[misc]
             "PredictRequest", [("inputs", inputs_t)], forbid_unknown_fields=True)
         self.Response = Prediction if self.labels else Outputs  # type: ignore[misc]
@@ -167,6 +185,13 @@ class DefaultHandler(Handler):
         return self.postprocess_batch(output.unsqueeze(0))[0]
 
     def postprocess_batch(self, outputs) -> list:
+        import torch
+
+        if not bool(torch.isfinite(outputs).all()):
+            # JSON has no inf/nan (they would be encoded as null, breaking the Response schema);
+            # raised per batch, the runner retries one by one so only the culprit gets the 422
+            raise InputError("the model's output for these inputs is not finite (inf or nan); "
+                             "send values in the range the model was trained on", field="$.inputs")
         if not self.labels:
             return [Outputs(row) for row in outputs.cpu().tolist()]
         if outputs.shape[-1] != len(self.labels):

@@ -17,7 +17,7 @@ from typing import Any
 from .._util import sha256_file
 from ..errors import IntegrityError, ServeError
 # The model directory contract (file names, checksum listing) is the registry's: one definition.
-from ..registry.checksums import read_checksums
+from ..registry.checksums import check_safetensors_header, read_checksums
 from ..registry.types import CODE, META, WEIGHTS
 
 _module_ids = itertools.count()
@@ -142,6 +142,7 @@ def build_module(model: ModelDir, device):
     if not isinstance(module, torch.nn.Module):
         raise ServeError(f"{model.path / CODE}: {factory_name}() returned {type(module).__name__}, "
                          "not a torch.nn.Module")
+    check_safetensors_header(model.path / WEIGHTS)  # else safetensors says only "header too large"
     state = load_file(str(model.path / WEIGHTS), device="cpu")
     try:
         module.load_state_dict(state, strict=True)

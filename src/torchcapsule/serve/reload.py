@@ -27,8 +27,9 @@ from typing import Any
 
 import msgspec
 
-from ..errors import CapsuleError, ServeError
+from ..errors import CapsuleError, IntegrityError, ServeError
 from .handler import Handler, InputError
+from ..registry.types import META
 from .loader import ModelDir, read_model_dir
 
 log = logging.getLogger("torchcapsule.serve")
@@ -100,19 +101,49 @@ class RegistrySource(VersionSource):
         return str(registry.resolve(self.uri, **self._kw()).version)
 
     def fetch(self, key: str) -> ModelDir:
-        from .. import registry
+        """The cached copy of version `key`, downloaded once (a lock across workers).
 
-        dest = self.cache_dir / self.name / key
-        if not (dest / "meta.json").is_file():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            # download beside the cache entry, then rename: a half download is never served
-            tmp = dest.with_name(f".{key}.partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            path = Path(registry.download(f"models:/{self.name}/{key}", tmp, **self._kw()))  # verifies sha256
-            if path.resolve() != tmp.resolve():
-                shutil.copytree(path, tmp, dirs_exist_ok=True)
-            tmp.rename(dest)
+        The cache entry is named by the registry's identity of the version (tracking URI, run id,
+        source), not by name and number alone: a new store or another tracking server that
+        numbers a different model 1 gets its own entry. A hit is verified against the sha256
+        tags the registry recorded, never against the cache's own checksums file."""
+        from .. import registry
+        from ..registry import checksums as cks
+        from ..registry.store import file_lock
+
+        kw = self._kw()
+        mv = registry.resolve(f"models:/{self.name}/{key}", **kw)
+        dest = self.cache_dir / self.name / f"{key}-{cache_identity(registry.store_uri(**kw), mv)}"
+        lock = dest.with_name(f".{dest.name}.lock")
+        with file_lock(lock, CACHE_LOCK_TIMEOUT_S, f"{lock}: another worker held the download lock for "
+                       f"over {CACHE_LOCK_TIMEOUT_S:.0f}s; remove {dest.parent} if no server is running"):
+            if (dest / META).is_file():
+                try:
+                    cks.verify(dest, mv.checksums, origin=f"serve cache of {mv.uri}")
+                except IntegrityError as e:
+                    log.warning("serve cache: %s; downloading it again", e)
+                    shutil.rmtree(dest)
+            if not (dest / META).is_file():
+                # download beside the cache entry, then rename: a half download is never served
+                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    registry.download(mv.uri, tmp, **kw)  # verifies every sha256
+                    shutil.rmtree(dest, ignore_errors=True)
+                    tmp.rename(dest)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
         return read_model_dir(dest, version=key, source=self.uri)
+
+
+CACHE_LOCK_TIMEOUT_S = 900.0  # one worker downloads; the others wait for it (large models: minutes)
+
+
+def cache_identity(store: str, mv) -> str:
+    """12 hex digits naming one registered version in one store."""
+    import hashlib
+
+    return hashlib.sha256(f"{store}\n{mv.run_id}\n{mv.source}".encode()).hexdigest()[:12]
 
 
 def make_source(model: str, *, base_dir: Path | None = None, cache_dir: Path | None = None,
@@ -251,6 +282,11 @@ class Watcher:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def alive(self) -> bool:
+        """False once the thread has ended without stop(): /readyz then answers 503."""
+        return self._stop.is_set() or not self._thread.ident or self._thread.is_alive()
+
     def check_once(self) -> str | None:
         """Load the current version if it is new; returns 'loaded', 'rejected' or None."""
         try:
@@ -262,8 +298,8 @@ class Watcher:
             return None
         try:
             runner = self.load(key)
-        except Exception as e:
-            msg = str(e) if isinstance(e, CapsuleError) else f"{type(e).__name__}: {e}"
+        except BaseException as e:  # noqa: BLE001 - user code may sys.exit(): it must not end the watcher
+            msg = describe_failure(e)
             self.rejected[key] = msg
             log.error("reload: rejected %s (%s); the old version keeps serving", key, msg)
             self.reject(key, msg)
@@ -274,4 +310,18 @@ class Watcher:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.check_once()
+            try:
+                self.check_once()
+            except BaseException as e:  # noqa: BLE001 - a bug here must not end hot reload silently
+                log.exception("reload: check failed (%s); trying again in %gs", describe_failure(e), self.interval)
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for a load failure, including what user code does to end a process."""
+    if isinstance(e, CapsuleError):
+        return str(e)
+    if isinstance(e, SystemExit):
+        return f"the model code called sys.exit({e.code!r}) while loading; refused"
+    if isinstance(e, KeyboardInterrupt):
+        return "the model code raised KeyboardInterrupt while loading; refused"
+    return f"{type(e).__name__}: {e}"

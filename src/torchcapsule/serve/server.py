@@ -62,9 +62,11 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
 
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _tune_runtime(opts)
+    from .protocol import limited_protocol
+
     app = build_app(opts, device_spec)
     config = uvicorn.Config(
-        app, host=opts.host, port=opts.port, loop="uvloop", http="httptools", lifespan="on",
+        app, host=opts.host, port=opts.port, loop="uvloop", http=limited_protocol(), lifespan="on",
         access_log=False, log_level=opts.log_level,
         timeout_graceful_shutdown=opts.settings.timeout_s + 5, timeout_keep_alive=30,
     )
@@ -116,13 +118,11 @@ def _worker(opts_dict: dict, sock: socket.socket, index: int) -> None:
         run_one(opts, sock, device)
     except ServeError as e:
         print(f"error: worker {index}: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_CANNOT_SERVE)
 
 
 def run_workers(opts: ServerOptions) -> None:
     """N processes on one listening socket (the kernel spreads connections between them)."""
-    import multiprocessing as mp
-
     sock = socket.socket(socket.AF_INET6 if ":" in opts.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -132,27 +132,69 @@ def run_workers(opts: ServerOptions) -> None:
                          hint="pick another --port") from None
     sock.listen(2048)
     sock.set_inheritable(True)
+    try:
+        _supervise(opts, sock)
+    finally:
+        sock.close()
+
+
+# A worker that dies (OOM kill, segfault) is started again this many times; past that, or when
+# a worker cannot serve at all (its model does not load: EXIT_CANNOT_SERVE, the same for every
+# worker), the service stops as a whole, so an orchestrator sees it down rather than half-serving.
+MAX_WORKER_RESTARTS = 3
+EXIT_CANNOT_SERVE = 3
+
+
+def _supervise(opts: ServerOptions, sock: socket.socket) -> None:
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
     ctx = mp.get_context("spawn")  # no fork after torch/threads exist
     d = asdict(opts)
-    procs = [ctx.Process(target=_worker, args=(dict(d), sock, i), name=f"capsule-serve-{i}")
-             for i in range(opts.workers)]
-    for p in procs:
-        p.start()
 
-    def forward(signum, _frame):
-        for p in procs:
+    def start(i: int):
+        p = ctx.Process(target=_worker, args=(dict(d), sock, i), name=f"capsule-serve-{i}")
+        p.start()
+        return p
+
+    procs = {i: start(i) for i in range(opts.workers)}
+    restarts = dict.fromkeys(procs, 0)
+    state = {"stopping": False}
+    gave_up: list[str] = []
+
+    def stop_all(*_):
+        state["stopping"] = True
+        for p in procs.values():
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    failed = 0
-    for p in procs:
-        p.join()
-        failed += p.exitcode not in (0, None)
-    sock.close()
-    if failed:
-        raise ServeError(f"{failed} of {opts.workers} worker(s) exited with an error (see above)")
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    while procs:
+        by_sentinel = {p.sentinel: i for i, p in procs.items()}
+        for s in wait(list(by_sentinel)):
+            i = by_sentinel[s]
+            p = procs.pop(i)
+            p.join()
+            if p.exitcode == 0:
+                continue
+            if state["stopping"]:
+                gave_up += [f"worker {i} exited with code {p.exitcode}"] if p.exitcode not in (None, -signal.SIGTERM) else []
+                continue
+            if p.exitcode == EXIT_CANNOT_SERVE:
+                gave_up.append(f"worker {i} could not serve")
+                stop_all()
+            elif restarts[i] < MAX_WORKER_RESTARTS:
+                restarts[i] += 1
+                log.error("worker %d (pid %d) exited with code %s; starting it again (%d/%d)",
+                          i, p.pid, p.exitcode, restarts[i], MAX_WORKER_RESTARTS)
+                procs[i] = start(i)
+            else:
+                gave_up.append(f"worker {i} exited with code {p.exitcode} {MAX_WORKER_RESTARTS + 1} times")
+                log.error("%s; stopping the service", gave_up[-1])
+                stop_all()
+    if gave_up:
+        raise ServeError(f"{'; '.join(gave_up)} (see above)")
 
 
 def serve(opts: ServerOptions) -> None:
