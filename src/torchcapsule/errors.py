@@ -90,6 +90,8 @@ __all__ = [
     "RegistryError",
     "IntegrityError",
     "ServeError",
+    "CheckpointError",
+    "CheckpointBusy",
     "PipelineError",
     "PipelineInterrupted",
 ]
