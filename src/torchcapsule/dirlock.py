@@ -13,12 +13,24 @@ import fcntl
 import os
 import struct
 from pathlib import Path
+from typing import Mapping
 
 from .errors import CheckpointBusy
 
 LOCK_FILE = ".lock"
 _FLOCK = "hh4xqqi4x"
 _HELD: dict[str, int] = {}  # realpath of a lock file -> the descriptor this process holds it by
+
+
+def checkpoint_dir(env: Mapping[str, str]) -> Path:
+    """A stage's checkpoint directory from its environment (pure): $CAPSULE_CHECKPOINT_DIR, else
+    <models volume>/.checkpoints/<project>-<stage>, else ./checkpoints (relative to its workdir)."""
+    if env.get("CAPSULE_CHECKPOINT_DIR"):
+        return Path(env["CAPSULE_CHECKPOINT_DIR"])
+    models = env.get("CAPSULE_MODELS_DIR")
+    if models:
+        return Path(models) / ".checkpoints" / f"{env.get('CAPSULE_PROJECT', 'project')}-{env.get('CAPSULE_STAGE', 'train')}"
+    return Path("checkpoints")
 
 
 def _key(directory: Path) -> str:

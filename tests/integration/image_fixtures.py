@@ -18,6 +18,7 @@ from tests.conftest import EXAMPLE, REPO, missing_part, run_capsule
 
 BASE_IMAGE = os.environ.get("CAPSULE_TEST_BASE", "local/debian:bookworm")
 _built: dict[str, str] = {}
+_ids: dict[str, str] = {}
 
 
 def ensure_base_image(base: str = BASE_IMAGE) -> str:
@@ -45,9 +46,16 @@ def build_digits_image(flavor: str, project_dir: Path = EXAMPLE) -> str:
                              f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     import json
 
-    tag = json.loads(r.stdout)["tag"]
-    _built[key] = tag
-    return tag
+    out = json.loads(r.stdout)
+    _built[key], _ids[key] = out["tag"], out["id"]
+    return out["tag"]
+
+
+def built_image_id(flavor: str, project_dir: Path = EXAMPLE) -> str:
+    """The image id this process built for `flavor`: unlike the tag, which another build of the
+    same project elsewhere on the machine may move, it names exactly the image of this checkout."""
+    build_digits_image(flavor, project_dir)
+    return _ids[f"{project_dir}:{flavor}"]
 
 
 @pytest.fixture(scope="session")

@@ -193,8 +193,8 @@ def test_the_token_never_appears_in_logs_or_inspect(dev_env):
     assert "Jupyter" in logs or "jupyter" in logs.lower()
     assert a["token"] not in logs
     assert a["token"] not in docker("inspect", a["name"]).stdout
-    mode = docker("exec", a["name"], "stat", "-c", "%a %U", "/run/capsule/jupyter_token").stdout.split()
-    assert mode == ["600", "mluser"]
+    mode = docker("exec", a["name"], "stat", "-c", "%a %u", "/run/capsule/jupyter_token").stdout.split()
+    assert mode == ["600", str(HOST_UID)]
 
 
 def test_ssh_logs_in_as_mluser_with_the_injected_key(dev_env):
@@ -206,14 +206,15 @@ def test_ssh_logs_in_as_mluser_with_the_injected_key(dev_env):
 def test_root_and_password_logins_are_refused(dev_env):
     a = dev_env["a"]
     # Even with the right key in root's authorized_keys, root may not log in.
-    docker("exec", a["name"], "sh", "-c",
-           "mkdir -p /root/.ssh && cp /home/mluser/.ssh/authorized_keys /root/.ssh/ && chmod 700 /root/.ssh")
+    pub = Path(f"{dev_env['key']}.pub").read_text().strip()
+    docker("exec", "-u", "0", a["name"], "sh", "-c",
+           'mkdir -p /root/.ssh && printf "%s\n" "$1" > /root/.ssh/authorized_keys && chmod 700 /root/.ssh', "_", pub)
     r = _ssh(dev_env, "root", "true")
     assert r.returncode == 255 and "Permission denied" in r.stderr
     r = _ssh(dev_env, "mluser", "true", extra=("-o", "PubkeyAuthentication=no",
                                                "-o", "PreferredAuthentications=password,keyboard-interactive"))
     assert r.returncode == 255 and "Permission denied (publickey)" in r.stderr
-    cfg = docker("exec", a["name"], "sshd", "-T").stdout.lower()
+    cfg = _ssh(dev_env, "mluser", "/usr/sbin/sshd -T -h ~/.ssh/host_keys/ssh_host_ed25519_key").stdout.lower()
     assert "permitrootlogin no" in cfg and "passwordauthentication no" in cfg
 
 

@@ -36,7 +36,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-hard")
     model = write_mlp_dir(tmp / "m", (64, 16, 10), version="1", code=OVERFLOW_CODE,
                           extra_meta={"factory": "build_overflow"})
-    with running_server(model, "--max-batch-size", "8", tmp=tmp) as s:
+    with running_server(model, "--max-batch-size", "8", tmp=tmp, ready_timeout=180) as s:
         yield s
 
 
@@ -76,4 +76,63 @@ def test_pickled_weights_name_the_file(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "model.safetensors is not safetensors" in r.stderr and "pickle" in r.stderr
+
+
+# -- item 8: request heads -------------------------------------------------------------------------
+def _raw(server, data: bytes, *, timeout: float = 60) -> bytes:
+    """Send `data` on a fresh connection, then read whatever the server answers until it closes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        return b"".join(chunks)
+
+
+HEAD = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+def test_a_head_over_64_kib_is_431(server):
+    assert _raw(server, HEAD + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n").startswith(b"HTTP/1.1 431 ")
+    # unfinished: counted as it arrives
+    assert _raw(server, HEAD + b"X-Big: " + b"a" * 100_000).startswith(b"HTTP/1.1 431 ")
+
+
+def test_more_than_100_headers_is_431(server):
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(101))
+    assert _raw(server, HEAD + many + b"\r\n").startswith(b"HTTP/1.1 431 ")
+    r = httpx.post(server.url + "/v1/predict", json={"inputs": [0.5] * 64}, headers={f"x-h{i}": "v" for i in range(50)})
+    assert r.status_code == 200  # 50 headers are fine
+
+
+def test_an_endless_header_is_cut_off_early(server):
+    """64 MiB of one unfinished header: the server stops reading after the limit (it used to keep it all)."""
+    import socket
+
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(HEAD + b"X-Big: ")
+        block = b"a" * (1 << 20)
+        try:
+            while sent < 64 << 20:
+                s.sendall(block)
+                sent += len(block)
+        except OSError:  # reset or broken pipe: the server closed the connection
+            pass
+    assert sent < 16 << 20, f"{sent >> 20} MiB accepted"
+
+
+def test_a_head_that_never_completes_is_408(server):
+    t0 = __import__("time").monotonic()
+    answer = _raw(server, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")  # then silence (slowloris)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+    assert __import__("time").monotonic() - t0 < 50
 

@@ -137,8 +137,9 @@ def test_serve_deployment_probes_gpu_limits_non_root(digits, gpu):
     ctr = dep["spec"]["template"]["spec"]["containers"][0]
     assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert ctr["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
+    assert ctr["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert dep["spec"]["template"]["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert "nvidia.com/gpu" not in ctr["resources"]["limits"]
     assert svc["spec"]["ports"][0]["port"] == 8080
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
@@ -157,6 +158,13 @@ def test_compose_dev_serve_mlflow(digits, gpu):
     assert serve["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert all(p.startswith("127.0.0.1:") for s in doc["services"].values() for p in s["ports"])
     assert "deploy" not in serve
+    # the project image never runs as root and never gains privileges (docs/image.md, threat model)
+    dev = doc["services"]["dev"]
+    for svc in (dev, serve):
+        assert svc["user"] == "1000:1000"
+        assert svc["security_opt"] == ["no-new-privileges:true"] and svc["cap_drop"] == ["ALL"]
+    assert dev["tmpfs"] == ["/run/capsule:mode=0700,uid=1000,gid=1000"] and "HOST_UID" not in dev["environment"]
+    assert "127.0.0.1:2222:2222" in dev["ports"]
     g = compose.render(gpu)  # a remote registry: no local MLflow server
     assert set(g["services"]) == {"dev", "serve"}
     assert g["services"]["dev"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4

@@ -98,6 +98,47 @@ def test_slim_has_no_jupyter_ssh_docs_or_tests(project):
     assert "g++" not in df  # CPU slim: eager only
 
 
+@pytest.mark.parametrize("flavor", ["jupyter-ssh", "slim"])
+def test_image_is_never_root_by_default_and_strips_setuid(project, flavor):
+    df = _df(resolve(project, flavor=flavor))
+    users = [ln.split()[1] for ln in df.splitlines() if ln.startswith("USER ")]
+    assert users == ["1000:1000"]  # numeric, so Kubernetes runAsNonRoot can check it
+    assert df.index("USER 1000:1000") < df.index("ENTRYPOINT")
+    assert render.SETUID_ALLOWED == () and "find / -xdev -type f -perm /6000 -exec chmod ug-s {} +" in df
+
+
+def test_sshd_config_names_only_modern_algorithms():
+    sshd = render.render(resolve(load_project(EXAMPLE)))["sshd_config"]
+    opts = dict(ln.split(None, 1) for ln in sshd.splitlines() if ln and not ln.startswith("#"))
+    assert opts["KexAlgorithms"] == "sntrup761x25519-sha512@openssh.com"
+    for weak in ("sha1", "nistp", "umac-64", "group14", "cbc"):
+        for key in ("KexAlgorithms", "Ciphers", "MACs", "HostKeyAlgorithms"):
+            assert weak not in opts[key], (key, weak)
+    assert opts["UsePAM"] == "no" and opts["PermitRootLogin"] == "no"
+
+
+@pytest.mark.parametrize("value", ["0", "00", "+0", "-0", " 0", "0x0", "000000", "abc"])
+def test_entrypoint_refuses_root_in_every_spelling_of_host_uid(tmp_path, value):
+    """The entrypoint's own id parsing (the root path), run by the real bash on the real script."""
+    import os as _os
+    import subprocess
+
+    if _os.geteuid() != 0:
+        pytest.skip("the entrypoint parses HOST_UID only when started as root")
+    script = tmp_path / "entrypoint.sh"
+    script.write_text(render.render(resolve(load_project(EXAMPLE), flavor="slim"))["entrypoint.sh"])
+    env = {"PATH": _os.environ["PATH"], "CAPSULE_USER": "root", "HOST_UID": value}
+    r = subprocess.run(["bash", str(script), "touch", str(tmp_path / "ran")], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and not (tmp_path / "ran").exists()
+    assert r.stderr.startswith(f"capsule: error: HOST_UID={value} is ")
+    env.update(HOST_UID="4321", HOST_GID=value)
+    r = subprocess.run(["bash", str(script), "touch", str(tmp_path / "ran")], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and not (tmp_path / "ran").exists(), r.stderr
+    assert r.stderr.startswith(f"capsule: error: HOST_GID={value} is ")
+
+
 def test_cuda_image_uses_torch_wheels_not_a_cuda_toolkit(project):
     spec = resolve(project, torch="2.9.1", cuda="12.8", python="3.12")
     df = _df(spec)
@@ -170,14 +211,24 @@ def _opts(**kw):
     return dev.DevOptions(**base)
 
 
+def _after(argv, flag):
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
 def test_dev_argv_is_safe_by_default():
-    argv = dev.docker_run_argv(_opts())
+    argv = dev.docker_run_argv(_opts(home=Path("/h/.capsule/dev/digits-dev/home")))
     cmd = " ".join(argv)
-    assert "-p 127.0.0.1:8888:8888" in cmd and "-p 127.0.0.1:2222:22" in cmd
+    assert "-p 127.0.0.1:8888:8888" in cmd and "-p 127.0.0.1:2222:2222" in cmd
     assert "--ipc=host" in argv and "--gpus" not in argv
     for v in dev.VOLUMES:
         assert f"/h/{v}:/{v}" in cmd
-    assert "HOST_UID=1001" in cmd and "HOST_GID=1002" in cmd
+    # never root: runs as the host user, no capabilities, no privilege gain, fresh /run/capsule
+    assert _after(argv, "--user") == ["1001:1002"] and "HOST_UID" not in cmd
+    assert _after(argv, "--security-opt") == ["no-new-privileges"] and _after(argv, "--cap-drop") == ["ALL"]
+    assert "--cap-add" not in argv and "--privileged" not in argv
+    assert _after(argv, "--tmpfs") == ["/run/capsule:rw,nosuid,nodev,noexec,mode=0700,uid=1001,gid=1002"]
+    assert "/h/.capsule/dev/digits-dev/home:/home/mluser" in _after(argv, "-v")
+    assert "--read-only" not in argv
     assert "/home/u/.ssh/id_ed25519.pub:/run/secrets/capsule_authorized_keys:ro" in cmd
     assert "JUPYTER_TOKEN=" not in cmd  # the token travels in a file, not in `docker inspect`
     assert argv[-2:] == ["digits:x", "dev"]
@@ -189,6 +240,13 @@ def test_dev_argv_public_gpus_shm_and_host_network():
     argv = dev.docker_run_argv(_opts(network="host", jupyter_port=18888, ssh_port=12222))
     assert "-p" not in argv and "--network" in argv
     assert {"JUPYTER_IP=127.0.0.1", "JUPYTER_PORT=18888", "SSH_BIND=127.0.0.1", "SSH_PORT=12222"} <= set(argv)
+
+
+def test_dev_argv_read_only_gives_tmpfs_for_what_is_written():
+    argv = dev.docker_run_argv(_opts(read_only=True))
+    assert "--read-only" in argv
+    tmpfs = _after(argv, "--tmpfs")
+    assert tmpfs[0].startswith("/run/capsule:") and tmpfs[1] == "/tmp:rw,exec,nosuid,nodev,mode=1777"
 
 
 def test_dev_connect_info():
@@ -235,10 +293,39 @@ def test_dev_maps_to_the_workspace_owner_under_root(tmp_path, monkeypatch):
     monkeypatch.setattr(_os, "getuid", lambda: 0)
     monkeypatch.setattr(_os, "getgid", lambda: 0)
     _os.chown(tmp_path, 4242, 4243) if _os.geteuid() == 0 else pytest.skip("needs root to chown")
-    assert _host_ids(project, None, None) == (4242, 4243)
-    assert _host_ids(project, 1500, None) == (1500, 1500)
+    image_ids = (1000, 1000)
+    assert _host_ids(project, None, None, image_ids) == (4242, 4243, True)
+    assert _host_ids(project, 1500, None, image_ids) == (1500, 1500, True)
+    assert _host_ids(project, 1500, 77, image_ids) == (1500, 77, True)
     _os.chown(tmp_path, 0, 0)
-    assert _host_ids(project, None, None) == (None, None)
+    # a root-owned project: the image's own user, never root
+    assert _host_ids(project, None, None, image_ids) == (1000, 1000, False)
+
+
+@pytest.mark.parametrize("flag", ["--uid", "--gid"])
+def test_dev_refuses_root_ids_in_one_line(tmp_path, flag):
+    r = run_capsule("dev", "-f", str(EXAMPLE), "--dry-run", "--no-gpus", "--uid", "1234", flag, "0")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} 0: the dev box never runs as root")
+
+
+def test_dev_creates_missing_volumes_owned_by_the_requested_ids(tmp_path):
+    import os as _os
+
+    from torchcapsule.cli.image import _mkdir_owned
+
+    if _os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    (tmp_path / "data").mkdir()
+    _os.chown(tmp_path / "data", 5, 5)  # an existing directory keeps its owner
+    for name in ("data", "models", "logs/deep"):
+        _mkdir_owned(tmp_path / name, 1234, 1235)
+    assert (tmp_path / "data").stat().st_uid == 5
+    for p in (tmp_path / "models", tmp_path / "logs", tmp_path / "logs" / "deep"):
+        assert (p.stat().st_uid, p.stat().st_gid) == (1234, 1235)
+    _mkdir_owned(tmp_path / "home", 1234, 1235, mode=0o700)
+    assert (tmp_path / "home").stat().st_mode & 0o777 == 0o700
 
 
 def test_build_failure_message_is_one_line_naming_step_and_cause():

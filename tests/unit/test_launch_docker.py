@@ -29,6 +29,8 @@ def test_train_argv_runs_two_ranks_as_host_user_with_volumes(project):
     assert opts[:2] == ["docker", "run"] and "--detach" in opts
     assert _opt(opts, "--name") == ["digits-train-x"]
     assert _opt(opts, "--user") == ["1234:567"]
+    # a setuid file in a volume cannot give the stage root; it needs no capability
+    assert _opt(opts, "--security-opt") == ["no-new-privileges"] and _opt(opts, "--cap-drop") == ["ALL"]
     assert "--ipc=host" in opts and not any(a.startswith("--shm-size") for a in opts)
     assert "--hostname=localhost" in opts  # torchrun must resolve its own hostname without DNS
     assert "--gpus" not in opts  # no GPU asked: the flag would fail without the NVIDIA runtime

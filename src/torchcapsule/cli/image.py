@@ -198,9 +198,16 @@ def _host_has_gpu() -> bool:
     return bool(exe) and subprocess.run([exe, "-L"], capture_output=True).returncode == 0
 
 
-def _host_ids(project, uid: int | None, gid: int | None) -> tuple[int | None, int | None]:
-    """Who should own files written to the volumes: --uid/--gid, else the caller, else (when the
-    caller is root, e.g. under sudo) the owner of the workspace directory; never root."""
+def _host_ids(project, uid: int | None, gid: int | None, image_ids: tuple[int, int]) -> tuple[int, int, bool]:
+    """(uid, gid, owned) the container runs as: --uid/--gid, else the caller, else (when the caller
+    is root, e.g. under sudo) the owner of the workspace directory, else the image's own user.
+    Never root: --uid 0/--gid 0 are refused. `owned` is False when no non-root owner was found."""
+    for flag, v in (("--uid", uid), ("--gid", gid)):
+        if v == 0:
+            raise ConfigError(f"{flag} 0: the dev box never runs as root; pass a non-root id "
+                              f"(e.g. {flag} $(id -{flag[2]}) as a normal user)")
+        if v is not None and v < 0:
+            raise ConfigError(f"{flag} {v}: ids are non-negative numbers; pass e.g. {flag} $(id -{flag[2]})")
     if uid is None:
         uid, gid_default = os.getuid(), os.getgid()
         if uid == 0:
@@ -211,8 +218,24 @@ def _host_ids(project, uid: int | None, gid: int | None) -> tuple[int | None, in
         gid_default = uid
     gid = gid if gid is not None else gid_default
     if uid == 0:
-        return None, None
-    return uid, gid
+        return image_ids[0], image_ids[1], False
+    return uid, gid or image_ids[1], True
+
+
+def _mkdir_owned(path: Path, uid: int, gid: int, mode: int | None = None) -> None:
+    """Create a missing directory (and parents) owned by uid:gid when we may chown (as root);
+    an existing one keeps its owner."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir()
+        if mode is not None:
+            d.chmod(mode)
+        if os.geteuid() == 0:
+            os.chown(d, uid, gid)
 
 
 @click.command()
@@ -227,12 +250,14 @@ def _host_ids(project, uid: int | None, gid: int | None) -> tuple[int | None, in
 @click.option("--gpus/--no-gpus", default=None, help="Pass --gpus all (default: when this host has NVIDIA GPUs).")
 @click.option("--shm-size", default=None, help="Use --shm-size SIZE instead of --ipc=host.")
 @click.option("--network", default=None, help="Docker network (default: targets.docker.network; 'host' binds services directly).")
-@click.option("--uid", "uid", type=int, default=None, help="Host uid that owns files written to the volumes (default: yours; under root, the workspace's owner).")
-@click.option("--gid", "gid", type=int, default=None, help="Host gid (default: yours).")
+@click.option("--uid", "uid", type=int, default=None, help="Host uid the container runs as and that owns files written to the volumes (default: yours; under root, the workspace's owner; never 0).")
+@click.option("--gid", "gid", type=int, default=None, help="Host gid (default: yours; never 0).")
+@click.option("--read-only", "read_only", is_flag=True,
+              help="Read-only root filesystem (only the volumes, the home, /tmp and /run/capsule are writable).")
 @click.option("--dry-run", is_flag=True, help="Print the exact docker run command and exit.")
 @json_option
 def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_size, network, uid, gid,
-        dry_run, as_json) -> None:
+        read_only, dry_run, as_json) -> None:
     """Start the Jupyter/SSH dev container, safe by default."""
     import secrets
     import subprocess
@@ -262,7 +287,8 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         raise ConfigError(f"--key: {pubkey} is a private key; pass the public key ({pubkey}.pub)")
     state = project.root / ".capsule" / "dev" / name
     token_file = state / "jupyter_token"
-    host_uid, host_gid = _host_ids(project, uid, gid)
+    host_uid, host_gid, owned = _host_ids(project, uid, gid, (spec.uid, spec.gid))
+    home = (state / "home").resolve()
     opts = d.DevOptions(
         image=image_ref, name=name,
         volumes={v: project.volume_path(v) for v in d.VOLUMES},
@@ -270,7 +296,7 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         gpus=_host_has_gpu() if gpus is None else gpus,
         ipc_host=shm_size is None and project.targets.docker.ipc_host,
         shm_size=shm_size, network=network or project.targets.docker.network,
-        host_uid=host_uid, host_gid=host_gid,
+        host_uid=host_uid, host_gid=host_gid, home=home, user_home=f"/home/{spec.user}", read_only=read_only,
         pubkey_file=pubkey, token_file=token_file.resolve(),
     )
     argv = d.docker_run_argv(opts)
@@ -284,6 +310,8 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         finally:
             os.umask(old)
     token_file.chmod(0o600)
+    if os.geteuid() == 0:  # the container user reads it (0600): it must own it
+        os.chown(token_file, host_uid, host_gid)
     if dry_run:
         if as_json:
             print_json({"argv": argv})
@@ -299,8 +327,10 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
     labels = b.image_labels(image_ref)
     if labels.get("io.torchcapsule.flavor") == "slim":
         raise ImageError(f"--image: {image_ref} is a slim image (no Jupyter or SSH); build and use the jupyter-ssh flavor")
+    # Missing volumes would be made by dockerd, owned by root: make them, owned by the user.
     for v in d.VOLUMES:
-        opts.volumes[v].mkdir(parents=True, exist_ok=True)
+        _mkdir_owned(opts.volumes[v], host_uid, host_gid)
+    _mkdir_owned(home, host_uid, host_gid, mode=0o700)
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         reason = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -313,9 +343,9 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         return
     con = console()
     con.print(f"[green]started[/] {name} from {image_ref}")
-    if host_uid is None:
-        con.print(f"  [yellow]note[/]: the project is owned by root, so {spec.user} cannot write the volumes; "
-                  "pass --uid/--gid of a non-root owner or chown the directories")
+    if not owned:
+        con.print(f"  [yellow]note[/]: the project is owned by root, so {spec.user} (uid {host_uid}) cannot write "
+                  "the workspace; pass --uid/--gid of a non-root owner or chown the directories")
     con.print(f"  Jupyter: {info['jupyter_url']}")
     if "ssh" in info:
         con.print(f"  SSH:     {info['ssh']}" + ("" if pubkey else "  (no public key found: pass --key)"))

@@ -23,8 +23,9 @@ from ._common import file_option, json_option, load, print_json
 @click.option("--nodes", type=int, default=None, metavar="N", help="Nodes (overrides the stage's resources).")
 @click.option("--dry-run", is_flag=True, help="Print the exact command/script and environment; run nothing.")
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
+@click.option("--force", is_flag=True, help="Cancel a running job of this stage that holds its checkpoints, then run.")
 def run(stage: str, file: str | None, backend_name: str, gpus: str | None, nodes: int | None,
-        dry_run: bool, detach: bool) -> int:
+        dry_run: bool, detach: bool, force: bool) -> int:
     """Run STAGE of capsule.yaml; streams its logs and exits with its exit code."""
     from ..launch import get_backend
     from ..launch.spec import job_spec, pulled_image
@@ -43,12 +44,47 @@ def run(stage: str, file: str | None, backend_name: str, gpus: str | None, nodes
 
         backend.check_available()  # a backend that cannot be used at all is the first thing to fix
         raise ImageError(refusal)
+    if backend_name in ("local", "slurm"):  # checkpoints on this machine's (or a shared) filesystem
+        _one_writer(spec, force=force)
     job_id = backend.submit(spec)
     if detach:
         click.echo(job_id)
         return 0
     click.echo(f"job {job_id}", err=True)
     return _follow(backend, job_id, what=f"stage '{stage}'")
+
+
+def _one_writer(spec, *, force: bool) -> None:
+    """Refuse a second run of a ddp stage whose checkpoint directory a running job holds (it would
+    resume from, prune and overwrite that job's checkpoints); --force cancels that job first."""
+    from .. import dirlock
+    from ..errors import CheckpointBusy
+    from ..launch import get_backend
+
+    if spec.distributed != "ddp":
+        return
+    # The variables checkpoint_dir reads, as the job gets them on this machine (host paths).
+    env = {"CAPSULE_PROJECT": spec.project, "CAPSULE_STAGE": spec.stage, **spec.env}
+    if "models" in spec.volumes:
+        env.setdefault("CAPSULE_MODELS_DIR", str(spec.volumes["models"]))
+    ckdir = spec.workdir / dirlock.checkpoint_dir(env)
+    holder = dirlock.holder(ckdir)
+    if holder is None:
+        return
+    job = holder.split()[0]
+    if ":" not in job:  # a run capsule did not start (plain torchrun): nothing to cancel for it
+        raise CheckpointBusy(f"stage '{spec.stage}': {ckdir} is in use by {holder}; wait for it or stop it")
+    if not force:
+        raise CheckpointBusy(
+            f"stage '{spec.stage}' is already running as {job}, which holds {ckdir}; "
+            f"wait for it, `capsule jobs cancel {job}`, or rerun with --force (cancels it first)")
+    click.echo(f"--force: cancelling {job}, which holds {ckdir}", err=True)
+    get_backend(job.partition(":")[0]).cancel(job)
+    deadline = time.monotonic() + 120
+    while dirlock.holder(ckdir) is not None:  # released when its supervisor ends, after the checkpoint
+        if time.monotonic() > deadline:
+            raise CheckpointBusy(f"{job} still holds {ckdir} 120 s after the cancel; see `capsule jobs status {job}`")
+        time.sleep(0.2)
 
 
 def _follow(backend, job_id: str, *, what: str) -> int:
@@ -65,7 +101,9 @@ def _follow(backend, job_id: str, *, what: str) -> int:
         click.echo(f"interrupted: cancelling {job_id} (ranks get SIGTERM and may save a checkpoint)", err=True)
         backend.cancel(job_id)
         st = backend.wait(job_id, poll_s=0.5, timeout_s=60)
-        return st.exit_code if st.exit_code not in (None, 0) else 130
+        # 75: the ranks saved a checkpoint; anything else (e.g. torchrun's 1 when it is signalled
+        # before the ranks start) is the interrupt, reported as shells do: 128 + SIGINT.
+        return 75 if st.exit_code == 75 else 130
     code = st.exit_code if st.exit_code is not None else (0 if st.state.value == "SUCCEEDED" else 1)
     if st.state.value != "SUCCEEDED":
         detail = f": {st.reason}" if st.reason and "exit code" in st.reason else \
@@ -153,10 +191,17 @@ def jobs_logs(job_id: str, follow: bool) -> int:
 @click.argument("job_id")
 def jobs_cancel(job_id: str) -> int:
     """Cancel JOB_ID: ranks get SIGTERM (and save a checkpoint), SIGKILL after a grace period."""
+    from ..errors import BackendError
+
     backend = _backend_for(job_id)
     st = backend.status(job_id)
     if st.state.terminal:
-        click.echo(f"{job_id} already {st.state.value}")
+        try:  # an ended job may still have left processes behind (a local job whose supervisor died)
+            backend.cancel(job_id)
+        except BackendError:
+            pass  # e.g. a Slurm job it no longer knows: it is over either way
+        after = backend.status(job_id)
+        click.echo(f"{job_id} {after.state.value}: {after.reason}" if after != st else f"{job_id} already {st.state.value}")
         return 0
     backend.cancel(job_id)
     click.echo(f"cancelling {job_id}", err=sys.stderr.isatty())

@@ -9,6 +9,8 @@ from pathlib import Path
 from .spec import BuildSpec
 
 TEMPLATES = ("Dockerfile.j2", "entrypoint.sh", "sshd_config", "jupyter_server_config.py")
+# setuid/setgid files the image keeps; every other one loses its bits (tests assert the image).
+SETUID_ALLOWED: tuple[str, ...] = ()
 
 
 def runtime_packages(spec: BuildSpec) -> list[str]:
@@ -18,7 +20,9 @@ def runtime_packages(spec: BuildSpec) -> list[str]:
         # gcc/g++ and Python.h: torch.compile builds kernels (Inductor) and launchers (Triton).
         pkgs += ["gcc", "g++", "libc6-dev", "python3-dev"]
     if spec.has_dev_tools:
-        pkgs += ["openssh-server", "openssh-client", "git", "tmux", "vim", "wget", "less", "procps"]
+        # libnss-wrapper: a passwd entry for the host uid that sshd runs and logs in as (entrypoint.sh)
+        pkgs += ["openssh-server", "openssh-client", "libnss-wrapper", "git", "tmux", "vim", "wget", "less",
+                 "procps"]
     pkgs += [p for p in spec.apt if p not in pkgs]
     return pkgs
 
@@ -36,7 +40,8 @@ def _env():
 def render(spec: BuildSpec) -> dict[str, str]:
     """{file name: content} for the build context of `spec`."""
     env = _env()
-    files = {"Dockerfile": env.get_template("Dockerfile.j2").render(spec=spec, runtime_packages=runtime_packages(spec)),
+    files = {"Dockerfile": env.get_template("Dockerfile.j2").render(spec=spec, runtime_packages=runtime_packages(spec),
+                                                                     setuid_allowed=SETUID_ALLOWED),
              "entrypoint.sh": env.get_template("entrypoint.sh").render()}
     if spec.has_dev_tools:
         files["sshd_config"] = env.get_template("sshd_config").render()

@@ -81,8 +81,9 @@ def render_argv(spec: JobSpec, target: DockerTarget, name: str, uid: int, gid: i
         argv.append("--ipc=host")
     elif spec.shm_bytes:
         argv.append(f"--shm-size={spec.shm_bytes}")
-    # Files written to the volumes belong to the host user (not root, not the image's user).
-    argv += ["--user", f"{uid}:{gid}"]
+    # Files written to the volumes belong to the host user (not root, not the image's user);
+    # a stage needs no capability and may never gain privileges (setuid files in a volume).
+    argv += ["--user", f"{uid}:{gid}", "--security-opt", "no-new-privileges", "--cap-drop", "ALL"]
     if spec.gpus.count:
         argv += ["--gpus", str(spec.gpus.count)]
     if spec.cpus:

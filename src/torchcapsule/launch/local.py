@@ -13,6 +13,7 @@ rank and that rank's own exit code, which torchrun itself reduces to 1.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import secrets
@@ -28,14 +29,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
+from .. import dirlock
 from .._util import free_port
-from ..errors import BackendError, JobNotFound
+from ..errors import BackendError, CheckpointBusy, JobNotFound
 from .api import Backend, DryRun, JobSpec, JobState, JobStatus
 from ._proc import pid_alive
 from .torchrun import (PREEMPTED_EXIT_CODE, failed_rank, nproc_per_node, shell_exit_code, stage_env,
                        torchrun_command)
 
 CANCEL_GRACE_S = 30.0
+LOG_CHUNK = 1 << 16  # output is copied and streamed in pieces of at most this many bytes/characters
 _PREEMPTED_LINE = "torchcapsule: preempted by signal"  # printed by torchcapsule.train.Preemption.exit  # SIGTERM first (ranks save a checkpoint), SIGKILL after this
 
 
@@ -196,19 +199,23 @@ class LocalBackend(Backend):
         with open(path, encoding="utf-8", errors="replace") as fh:
             pending = ""
             while True:
-                chunk = fh.readline()
+                chunk = fh.readline(LOG_CHUNK)  # bounded: a 100 MB line without newline is read in pieces
                 if chunk:
                     pending += chunk
-                    if pending.endswith("\n"):
-                        yield pending.rstrip("\n")
+                    if pending.endswith("\n") or len(pending) >= LOG_CHUNK:
+                        yield pending.rstrip("\n")  # an overlong line comes out as several
                         pending = ""
                     continue
                 if not follow:
                     break
                 if self.status(job_id).state.terminal:
-                    rest = fh.read()  # whatever arrived between the last read and the end
-                    for line in (pending + rest).splitlines():
-                        yield line
+                    while rest := fh.readline(LOG_CHUNK):  # what arrived since the last read, bounded
+                        pending += rest
+                        if pending.endswith("\n") or len(pending) >= LOG_CHUNK:
+                            yield pending.rstrip("\n")
+                            pending = ""
+                    if pending:
+                        yield pending
                     return
                 time.sleep(0.1)
             if pending:
@@ -217,6 +224,8 @@ class LocalBackend(Backend):
     def cancel(self, job_id: str) -> None:
         d = self._job_dir(job_id)
         if self.status(job_id).state.terminal:
+            if _supervisor_died(d):  # what it started may still run, out of everyone's reach
+                end_leftovers(d)
             return
         (d / "cancel").write_text(str(time.time()))
         pid = (_read_json(d / "job.json") or {}).get("supervisor_pid")
@@ -293,9 +302,16 @@ def job_result(returncode: int, output_tail: str, *, distributed: bool, cancelle
 
 def supervise(job_dir: Path) -> int:
     job = json.loads((job_dir / "job.json").read_text())
-    env = {**os.environ, **job["env"]}
+    env = {**os.environ, **job["env"], "CAPSULE_JOB_ID": f"local:{job['native_id']}"}
     started = time.time()
     log = open(job["log"], "a", encoding="utf-8", errors="replace", buffering=1)
+    busy = _hold_checkpoints(job, env)
+    if busy:
+        log.write(f"error: {busy}\n")
+        log.close()
+        _write_json(job_dir / "state.json", {"state": "FAILED", "exit_code": 1, "reason": busy,
+                                              "started_at": started, "finished_at": time.time()})
+        return 1
     cancelled: dict[str, float | None] = {"at": None}
     current: dict[str, int | None] = {"pid": None}
 
@@ -338,7 +354,8 @@ def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelle
     try:
         child = subprocess.Popen(job["argv"], cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 start_new_session=True)  # its own group: cancel signals all of it
+                                 start_new_session=True,  # its own group: cancel signals all of it
+                                 preexec_fn=_die_with_parent())
     except OSError as e:
         log.write(f"error: cannot start {job['argv'][0]}: {e}\n")
         _write_json(job_dir / "state.json", {"state": "FAILED", "exit_code": 127, "reason": str(e),
@@ -346,6 +363,9 @@ def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelle
         return None, "", None
     current["pid"] = child.pid
     _write_json(job_dir / "state.json", {"state": "RUNNING", "pid": child.pid, "started_at": started})
+    own = _proc_stat(child.pid)
+    if own:  # recorded, so `capsule jobs cancel` can end the job even if this supervisor dies
+        _write_json(job_dir / "procs.json", {"procs": {str(child.pid): own[1]}})
     if cancelled["at"] is not None:  # cancelled between two attempts
         os.killpg(child.pid, signal.SIGTERM)
     tail: deque[str] = deque(maxlen=400)
@@ -355,7 +375,11 @@ def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelle
 
     def watch():  # note the job's processes; SIGKILL them if they ignore SIGTERM for too long
         while child.poll() is None:
-            seen.update(_descendants(child.pid))
+            now = _descendants(child.pid)
+            if not now.items() <= seen.items():
+                seen.update(now)  # recorded, so `capsule jobs cancel` can end them if we die
+                _write_json(job_dir / "procs.json", {"procs": {str(k): v for k, v in seen.items()}
+                                                     | ({str(child.pid): own[1]} if own else {})})
             if cancelled["at"] is not None and time.monotonic() - cancelled["at"] > CANCEL_GRACE_S:
                 _kill_seen(seen)
                 try:
@@ -368,10 +392,12 @@ def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelle
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     assert child.stdout is not None
-    for raw in iter(child.stdout.readline, b""):
-        line = raw.decode("utf-8", errors="replace")
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a piece may split a character
+    for raw in iter(lambda: child.stdout.readline(LOG_CHUNK), b""):  # bounded, whatever the line length
+        line = decode.decode(raw)
         log.write(line)
-        tail.append(line)
+        tail.append(line[-4096:])  # the summary lines are short; a huge line must not fill the tail
+    log.write(decode.decode(b"", final=True))
     rc = child.wait()
     ended.set()
     watcher.join(timeout=5)  # it ends with the child; then `seen` no longer changes
@@ -387,6 +413,70 @@ def _run_once(job: dict, env: dict, log, job_dir: Path, started: float, cancelle
     if job["distributed"]:
         text += _rank_stderr_tails(Path(job["log"]).with_suffix(""))
     return rc, text, child.pid
+
+
+def _die_with_parent():
+    """preexec_fn: the job's top process gets SIGTERM when the supervisor dies, however it dies
+    (kill -9 included), so torchrun stops its ranks, which save a checkpoint and exit."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the watcher and `jobs cancel` still end the job
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the supervisor died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+def _hold_checkpoints(job: dict, env: dict) -> str | None:
+    """A ddp stage's checkpoint directory is held by this supervisor for the job's whole life, so
+    no second run writes into it, even between torchrun's restarts; the ranks see it is held
+    for them. Returns the one-line refusal when another run holds it."""
+    if not job["distributed"]:
+        return None
+    ckdir = Path(job["cwd"]) / dirlock.checkpoint_dir(env)
+    who = f"local:{job['native_id']} (supervisor pid {os.getpid()})"
+    try:
+        dirlock.acquire(ckdir, who)
+    except CheckpointBusy as e:
+        return str(e)
+    except OSError:
+        return None  # an unwritable volume: the ranks will say so themselves
+    env["CAPSULE_CHECKPOINT_LOCK_HELD"] = who  # train.checkpoint.LOCK_HELD_ENV (not imported: torch)
+    return None
+
+
+def _supervisor_died(job_dir: Path) -> bool:
+    st = _read_json(job_dir / "state.json") or {}
+    pid = (_read_json(job_dir / "job.json") or {}).get("supervisor_pid")
+    return not JobState(st.get("state", "PENDING")).terminal and bool(pid) and not pid_alive(pid)
+
+
+def end_leftovers(job_dir: Path, grace_s: float = CANCEL_GRACE_S) -> int:
+    """End what a dead supervisor left running: the processes it recorded, each checked to still be
+    the same process (pid and start time). SIGTERM (the ranks checkpoint), SIGKILL after grace_s.
+    Records the job as CANCELLED; returns how many processes were still running."""
+    recorded = (_read_json(job_dir / "procs.json") or {}).get("procs", {})
+    left = {int(pid): start for pid, start in recorded.items()
+            if (st := _proc_stat(int(pid))) is not None and st[1] == start}
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _wait_seen(left, grace_s)
+    _kill_seen(left)
+    old = _read_json(job_dir / "state.json") or {}
+    _write_json(job_dir / "state.json", {
+        **old, "state": "CANCELLED", "exit_code": old.get("exit_code"), "finished_at": time.time(),
+        "reason": f"cancelled after its supervisor died: {len(left)} leftover process(es) ended"})
+    return len(left)
 
 
 def _proc_stat(pid: int) -> tuple[int, int] | None:

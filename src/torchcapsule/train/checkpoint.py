@@ -55,13 +55,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def default_checkpoint_dir() -> Path:
     """$CAPSULE_CHECKPOINT_DIR, else <models volume>/.checkpoints/<project>-<stage>, else ./checkpoints."""
-    if os.environ.get("CAPSULE_CHECKPOINT_DIR"):
-        return Path(os.environ["CAPSULE_CHECKPOINT_DIR"])
-    models = os.environ.get("CAPSULE_MODELS_DIR")
-    if models:
-        name = f"{os.environ.get('CAPSULE_PROJECT', 'project')}-{os.environ.get('CAPSULE_STAGE', 'train')}"
-        return Path(models) / ".checkpoints" / name
-    return Path("checkpoints")
+    return dirlock.checkpoint_dir(os.environ)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

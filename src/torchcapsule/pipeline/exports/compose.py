@@ -12,6 +12,8 @@ from . import _common as c
 
 MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow:v3.1.0"
 MLFLOW_PORT = 5000
+# The project image's services need no capability and never gain privileges.
+HARDENED: dict[str, Any] = {"security_opt": ["no-new-privileges:true"], "cap_drop": ["ALL"]}
 
 
 def _py_get(url: str) -> list[str]:
@@ -34,16 +36,18 @@ def render(project: Project, *, mlflow_image: str = MLFLOW_IMAGE, image: str | N
     train_gpus = c.max_gpus(project).count
     serve_gpus = 0 if project.image.cuda == "cpu" or project.serve.device == "cpu" else 1
     shm = [s.resources.shm_size for s in project.stages.values() if s.resources.shm_size]
-    # The dev box starts as root on purpose: the image's entrypoint maps the user to HOST_UID,
-    # starts sshd, then drops to that user for Jupyter and every session (`capsule dev` does the same).
+    # The dev box as `capsule dev` runs it: as the user (sshd and Jupyter too), no capabilities,
+    # no privilege gain, /run/capsule a fresh tmpfs of the user's (docs/image.md, threat model).
     dev: dict[str, Any] = {
         "image": tag,
         "command": ["dev"],
+        "user": uid,
+        **HARDENED,
+        "tmpfs": [f"/run/capsule:mode=0700,uid={user.uid},gid={user.gid or user.uid}"],
         "working_dir": paths["workspace"],
         "volumes": [f"./:{paths['workspace']}"],
-        "environment": {"MLFLOW_TRACKING_URI": tracking, "HOST_UID": str(user.uid),
-                        "HOST_GID": str(user.gid or user.uid)},
-        "ports": ["127.0.0.1:8888:8888", "127.0.0.1:2222:22"],
+        "environment": {"MLFLOW_TRACKING_URI": tracking},
+        "ports": ["127.0.0.1:8888:8888", "127.0.0.1:2222:2222"],
         "ipc": "host",  # torch DataLoader workers and NCCL share memory through /dev/shm
         "depends_on": {"mlflow": {"condition": "service_healthy"}},
     }
@@ -57,6 +61,7 @@ def render(project: Project, *, mlflow_image: str = MLFLOW_IMAGE, image: str | N
     serve: dict[str, Any] = {
         "image": tag,
         "user": uid,
+        **HARDENED,
         "working_dir": paths["workspace"],
         "command": ["capsule", "serve", "--host", "0.0.0.0", "--port", str(port)],
         "volumes": [f"./:{paths['workspace']}:ro"],
