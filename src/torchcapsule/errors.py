@@ -2,7 +2,7 @@
 
     CapsuleError                 any error meant for the user: one line, what/where/fix
     ├── ConfigError              capsule.yaml or a flag is invalid (names file:field or --flag)
-    ├── CompatError              a torch/CUDA/Python/driver/GPU combination does not exist
+    │   └── CompatError          a torch/CUDA/Python/driver/GPU combination does not exist
     ├── BackendError             a launch backend is missing, unreachable or refused a job
     │   └── JobNotFound          a job id that no backend knows
     ├── ImageError               rendering, locking, linting or building the image failed
@@ -12,9 +12,11 @@
     ├── CheckpointError          a checkpoint directory is full or unwritable
     │   └── CheckpointBusy       another run holds the checkpoint directory's lock
     └── PipelineError            the stage graph is invalid or a stage failed
+        └── PipelineInterrupted  Ctrl-C or SIGTERM stopped a pipeline run (exit 130)
 
 The CLI prints `error: <message>` for any CapsuleError and exits with `exit_code`
-(2 for usage/config errors, 1 otherwise); other exceptions are bugs and keep their traceback.
+(2 for usage/config errors, 130 for an interrupted pipeline, 1 otherwise); other exceptions
+are bugs and keep their traceback. tests/unit/test_errors.py checks this drawing against the classes.
 """
 from __future__ import annotations
 
@@ -74,6 +76,10 @@ class PipelineError(CapsuleError):
     pass
 
 
+class PipelineInterrupted(PipelineError):
+    exit_code = 130
+
+
 __all__ = [
     "CapsuleError",
     "ConfigError",
@@ -84,5 +90,8 @@ __all__ = [
     "RegistryError",
     "IntegrityError",
     "ServeError",
+    "CheckpointError",
+    "CheckpointBusy",
     "PipelineError",
+    "PipelineInterrupted",
 ]

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-import torchcapsule.errors as errors
 
 from ..conftest import EXAMPLE
 
@@ -29,15 +28,6 @@ def test_light_commands_import_nothing_heavy(args):
     mods = _imported(*args)
     assert "torchcapsule" in mods
     assert not (mods & set(HEAVY)), mods & set(HEAVY)
-
-
-def test_error_tree_public_api():
-    assert errors.__all__ == [
-        "CapsuleError", "ConfigError", "CompatError", "BackendError", "JobNotFound", "ImageError",
-        "RegistryError", "IntegrityError", "ServeError", "PipelineError",
-    ]
-    for name in errors.__all__:
-        assert issubclass(getattr(errors, name), errors.CapsuleError)
 
 
 def test_unknown_command_is_a_usage_error():

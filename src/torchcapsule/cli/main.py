@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 
@@ -32,11 +31,11 @@ class LazyGroup(click.Group):
     """A group whose subcommands are imported only when they run (keeps --help fast)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [name for name, (target, _) in COMMANDS.items() if _available(target)]
+        return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         entry = COMMANDS.get(name)
-        if entry is None or not _available(entry[0]):
+        if entry is None:
             return None
         module, _, attr = entry[0].partition(":")
         return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
@@ -48,18 +47,12 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
-def _available(target: str) -> bool:
-    module = target.partition(":")[0]
-    return importlib.util.find_spec(f"{__package__}.{module}") is not None
-
-
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="capsule")
+# main() reads --debug/CAPSULE_DEBUG itself (it must know before click parses anything)
 @click.option("--debug", is_flag=True, envvar="CAPSULE_DEBUG", help="Show tracebacks for errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(debug: bool) -> None:
     """torchcapsule: one version-locked PyTorch image, from the dev box to the cluster."""
-    ctx.obj = {"debug": debug}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Project
-from ..errors import CapsuleError, ImageError, PipelineError
+from ..errors import CapsuleError, ImageError, PipelineError, PipelineInterrupted
 from . import cache, dag
 
 
@@ -37,10 +37,6 @@ from .record import RunRecord, RunStore, StageRecord, new_run_id
 _METRIC_PREFERENCE = ("accuracy", "val_accuracy", "acc", "f1", "auc", "val_loss", "loss")
 _MODEL_URI = re.compile(r"models:/([A-Za-z0-9_.-]+)/(\d+)")
 _LOCAL_MACHINE_BACKENDS = ("local", "docker")  # stages use this machine's GPUs
-
-
-class PipelineInterrupted(PipelineError):
-    exit_code = 130
 
 
 @dataclass
@@ -262,7 +258,6 @@ class Runner:
                                "stages that succeeded with unchanged inputs are skipped")
         self.store.save(rec)
         run_dir = self.store.dir / rec.run_id
-        self._fail_reason: str | None = None
         try:
             rec.preflight = self.preflight(selected)
             if rec.preflight.get("exit_code"):

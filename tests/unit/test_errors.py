@@ -1,0 +1,59 @@
+"""The exception tree drawn in errors.py's docstring is the tree of its classes, exactly."""
+from __future__ import annotations
+
+import re
+
+from torchcapsule import errors
+
+
+def _drawn() -> dict[str, str | None]:
+    """{class: parent} read from the docstring's drawing (indent 4 per level)."""
+    parents: dict[str, str | None] = {}
+    stack: list[str] = []
+    for line in errors.__doc__.splitlines():
+        m = re.match(r"^    ([│├└─ ]*)([A-Z]\w+)\s", line)
+        if not m:
+            continue
+        depth = len(m.group(1)) // 4
+        del stack[depth:]
+        parents[m.group(2)] = stack[-1] if stack else None
+        stack.append(m.group(2))
+    return parents
+
+
+def _defined() -> dict[str, str | None]:
+    """{class: parent} of every exception class errors.py defines."""
+    out: dict[str, str | None] = {}
+    for name, obj in vars(errors).items():
+        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == errors.__name__:
+            base = obj.__bases__[0]
+            out[name] = base.__name__ if base.__module__ == errors.__name__ else None
+    return out
+
+
+def test_drawing_matches_the_classes():
+    assert _drawn() == _defined()
+
+
+def test_every_error_is_exported_and_a_capsule_error():
+    assert sorted(errors.__all__) == sorted(_defined())
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.CapsuleError)
+
+
+def test_exit_codes():
+    assert errors.ConfigError("x").exit_code == errors.CompatError("x").exit_code == 2
+    assert errors.PipelineInterrupted("x").exit_code == 130
+    assert errors.BackendError("x").exit_code == 1
+
+
+def test_compat_error_is_a_config_error():
+    # the drawing once said CompatError hung off CapsuleError; callers catch it as a ConfigError
+    assert issubclass(errors.CompatError, errors.ConfigError)
+
+
+def test_pipeline_interrupted_is_in_the_tree():
+    from torchcapsule.pipeline import runner
+
+    assert runner.PipelineInterrupted is errors.PipelineInterrupted  # what the engine raises
+    assert issubclass(errors.PipelineInterrupted, errors.PipelineError)
