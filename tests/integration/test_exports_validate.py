@@ -166,10 +166,10 @@ def test_airflow_dag_imports_in_real_airflow_3(projects, tmp_path, operator, op_
     assert r.returncode == 0 and line, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads(line.removeprefix("RESULT "))
     assert res["errors"] == {}
-    assert set(res["dags"]) == {"digits_pipeline", "vision_pipeline"}
+    assert set(res["dags"]) == {"digits_export_pipeline", "vision_pipeline"}
     for d in res["dags"].values():
         assert d["tasks"] == ["capsule_pipeline_run"] and d["operators"] == [op_class]
-    assert "0 3 * * 1" in res["dags"]["digits_pipeline"]["schedule"]
+    assert "0 3 * * 1" in res["dags"]["digits_export_pipeline"]["schedule"]
     if operator == "kubernetes":  # the pod Airflow would submit: valid, non-root, GPUs, volumes
         for d in res["dags"].values():
             k8s_validate.validate(d["pod"], k8s_validate.latest_version(), strict=True)
