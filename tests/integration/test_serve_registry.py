@@ -56,7 +56,9 @@ def test_alias_move_is_served_without_a_failed_request(tmp_path, monkeypatch):
             assert r.status_code == 200 and r.headers["x-model-version"] == "1"
             info = c.get("/v1/models").json()
             assert info["source"] == "models:/digits@champion"
-            assert (root / ".capsule" / "serve-cache" / "digits" / "1" / "checksums.sha256").is_file()
+            # one cache entry for version 1, named by the registry's identity of it (issue 14)
+            entries = list((root / ".capsule" / "serve-cache" / "digits").glob("1-*"))
+            assert len(entries) == 1 and (entries[0] / "checksums.sha256").is_file(), entries
             r = run_capsule("models", "promote", "digits", "2", cwd=root, env=_env(), timeout=120)
             assert r.returncode == 0, r.stderr
             end = time.monotonic() + 60
