@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import REPO, missing_part, run_capsule
-from .train_support import capsule, example_copy
+from .train_support import capsule_env, example_copy
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,9 @@ def digits(tmp_path_factory, mlflow_installed):
     subprocess.run(["git", "init", "-q", str(proj)], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "digits"], check=True)
-    r = capsule(proj, tmp_path, "run", "train", timeout=600)
+    # The project's own embedded store: a tracking URI that an earlier in-process test left in
+    # os.environ (MLflow's set_tracking_uri exports it) must not send this training elsewhere.
+    r = run_capsule("run", "train", cwd=proj, env={**capsule_env(tmp_path), **_env()}, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     run_id = json.loads((proj / "logs" / "metrics-train.mlflow.json").read_text())["run_id"]
     r = run_capsule("models", "register", "--json", cwd=proj, env=_env(), timeout=300)
