@@ -56,7 +56,8 @@ def raw_forward(model_dir: Path, batch: int, seconds: float = 2.0) -> float:
     code = f"""
 import time, torch
 torch.set_num_threads(1)
-from torchcapsule.serve.loader import build_module, read_model_dir
+from torchcapsule.registry.modeldir import read_model_dir
+from torchcapsule.serve.loader import build_module
 m = build_module(read_model_dir({str(model_dir)!r}), torch.device('cpu'))
 x = torch.rand({batch}, *read_model_dir({str(model_dir)!r}).input_shape)
 with torch.inference_mode():

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 def load(model_dir: str):
     import torch
 
-    from torchcapsule.serve.loader import build_module, read_model_dir
+    from torchcapsule.registry.modeldir import read_model_dir
+    from torchcapsule.serve.loader import build_module
 
     md = read_model_dir(model_dir)
     return build_module(md, torch.device("cpu")), md.labels

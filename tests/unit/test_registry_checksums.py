@@ -158,27 +158,3 @@ def test_registry_package_import_is_light():
                         "r.ModelVersion; print('mlflow' in sys.modules, 'torch' in sys.modules)"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.stdout.split() == ["False", "False"], r.stderr
-
-
-def test_register_refuses_a_bad_model_dir_before_touching_the_registry(tmp_path):
-    """read_model_dir runs first in register(): wrong layouts and pickled weights are one-line
-    errors, and no store is opened (mlflow is not even imported)."""
-    from torchcapsule.registry.mlflow import read_model_dir
-
-    with pytest.raises(RegistryError, match="no trained model directory.*--model-dir"):
-        read_model_dir(tmp_path / "nope")
-    d = _model_dir(tmp_path)
-    (d / "meta.json").write_text("{not json")
-    with pytest.raises(RegistryError, match="meta.json: not valid JSON"):
-        read_model_dir(d)
-    (d / "meta.json").write_text(json.dumps({"kwargs": [1]}))
-    with pytest.raises(RegistryError, match="'kwargs' must be a JSON dict"):
-        read_model_dir(d)
-    (d / "meta.json").write_text(json.dumps({"kwargs": {}, "input_shape": [2]}))
-    assert read_model_dir(d)["input_shape"] == [2]
-    (d / "model.safetensors").write_bytes(pickle.dumps({"w": [1.0, 2.0]}))
-    with pytest.raises(IntegrityError, match="is not safetensors"):
-        read_model_dir(d)
-    (d / "model.py").unlink()
-    with pytest.raises(RegistryError, match="missing model.py"):
-        read_model_dir(d)

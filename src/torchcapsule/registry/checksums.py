@@ -55,18 +55,8 @@ def check_safetensors_header(path: Path) -> None:
         )
 
 
-def verify(model_dir: Path, expected: dict[str, str], *, origin: str = "", shown_as: str | None = None) -> None:
-    """Every recorded file exists and matches; the weights are safetensors; nothing pickled.
-    `shown_as` replaces model_dir in messages (a staging folder that will be gone)."""
-    try:
-        _verify(model_dir, expected, origin)
-    except IntegrityError as e:
-        if shown_as is None:
-            raise
-        raise IntegrityError(e.message.replace(str(model_dir), shown_as), hint=e.hint) from None
-
-
-def _verify(model_dir: Path, expected: dict[str, str], origin: str) -> None:
+def verify(model_dir: Path, expected: dict[str, str], *, origin: str = "") -> None:
+    """Every recorded file exists and matches; the weights are safetensors; nothing pickled."""
     where = f" ({origin})" if origin else ""
     if not expected:
         raise IntegrityError(

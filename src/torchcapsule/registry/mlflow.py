@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CapsuleError, IntegrityError, RegistryError
 from . import checksums as cks
 from . import facts as fx
+from .modeldir import read_model_dir
 from .rules import decide, parse_rule
 from .store import artifact_root, is_remote, sqlite_path, tracking_uri, writer_lock
-from .types import CODE, META, MODEL_FILES, WEIGHTS, ModelVersion, PromotionDecision, parse_model_uri
+from .types import CODE, META, WEIGHTS, ModelVersion, PromotionDecision, parse_model_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -292,28 +293,6 @@ def _model_name(project: "Project") -> str:
     return project.registry.model_name or project.name
 
 
-def read_model_dir(model_dir: Path) -> dict[str, Any]:
-    """Check the trained model directory (the train stage's contract) and return its meta.json."""
-    if not model_dir.is_dir():
-        raise RegistryError(f"{model_dir}: no trained model directory; run the train stage "
-                            "(`capsule run train`) or pass --model-dir DIR")
-    missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
-    if missing:
-        raise RegistryError(f"{model_dir}: missing {', '.join(missing)}; a model directory holds "
-                            f"{', '.join(MODEL_FILES)} (see docs/registry.md)")
-    try:
-        meta = json.loads((model_dir / META).read_text())
-    except ValueError as e:
-        raise RegistryError(f"{model_dir / META}: not valid JSON ({e}); rewrite it from the train stage") from None
-    if not isinstance(meta, dict):
-        raise RegistryError(f"{model_dir / META}: expected a JSON object with kwargs, input_shape, metrics")
-    cks.check_safetensors_header(model_dir / WEIGHTS)
-    for key, kind in (("kwargs", dict), ("metrics", dict), ("params", dict), ("input_shape", list)):
-        if key in meta and not isinstance(meta[key], kind):
-            raise RegistryError(f"{model_dir / META}: '{key}' must be a JSON {kind.__name__}")
-    return meta
-
-
 def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
     return {f"{prefix}{k}": (v if isinstance(v, str) else json.dumps(v))[:5000] for k, v in d.items()}
 
@@ -338,7 +317,7 @@ def _experiment(client: "MlflowClient", name: str, artifact_location: str | None
 def register(project: "Project", model_dir: str | Path | None = None) -> ModelVersion:
     """Log the trained model directory as a new version of registry.model_name."""
     model_dir = Path(model_dir) if model_dir else default_model_dir(project)
-    meta = read_model_dir(model_dir)
+    meta = read_model_dir(model_dir).meta
     digests = cks.digest_dir(model_dir)
     name = _model_name(project)
     # The machine that trained it: meta.json "machine" when the train stage recorded it (it may
@@ -551,11 +530,15 @@ def download(uri: str, dest: str | Path, *, project: "Project | None" = None,
     with staging as tmp, _errors(store):
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=origin, dst_path=str(Path(tmp) / "m")))
         layout = _pyfunc_layout(root, origin)
-        stage = Path(tmp) / "stage"
+        stage = Path(tmp).resolve() / "stage"
         stage.mkdir()
         for fname, path in layout.items():
             shutil.copyfile(path, stage / fname)
-        cks.verify(stage, mv.checksums, shown_as=origin)  # name the registry's file, not the staging one
+        try:  # the same checks as register's; messages name the registry's file, not the staging one
+            cks.verify(stage, mv.checksums)
+            read_model_dir(stage)
+        except RegistryError as e:  # IntegrityError stays one
+            raise type(e)(e.message.replace(str(stage), origin), hint=e.hint) from None
         cks.write_checksums(stage, mv.checksums)
         try:
             dest.mkdir(parents=True, exist_ok=True)

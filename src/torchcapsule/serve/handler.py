@@ -28,7 +28,8 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 
 from ..errors import ConfigError
-from .loader import DTYPES, ModelDir, build_module
+from ..registry.modeldir import DTYPES, ModelDir
+from .loader import build_module
 
 
 class InputError(ValueError):

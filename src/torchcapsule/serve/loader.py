@@ -1,93 +1,23 @@
-"""Read a trained model directory (model.safetensors + model.py + meta.json) and build its module.
+"""Build a model directory's module (model.py's factory + the safetensors weights), checksums first.
 
-The directory format is the train stage's contract (see docs/serving.md). Reading the
-metadata is separate from building the module so the server can describe a version
-(/v1/models, OpenAPI schema) and verify its checksums before any torch code runs.
+The directory itself is read and checked by registry/modeldir.py (one reader for register, pull
+and serve); reading is separate from building so the server can describe a version (/v1/models,
+OpenAPI schema) and verify its checksums before any torch code runs.
 """
 from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from .._util import sha256_file
 from ..errors import IntegrityError, ServeError
-# The model directory contract (file names, checksum listing) is the registry's: one definition.
-from ..registry.checksums import check_safetensors_header, read_checksums
-from ..registry.types import CODE, META, WEIGHTS
+# The model directory contract (files, meta.json, checksum listing) is the registry's: one definition.
+from ..registry.checksums import read_checksums
+from ..registry.modeldir import ModelDir
+from ..registry.types import CODE, WEIGHTS
 
 _module_ids = itertools.count()
-
-
-@dataclass(frozen=True)
-class ModelDir:
-    """One model version on disk, with its parsed metadata."""
-
-    path: Path
-    meta: dict[str, Any]
-    version: str  # what /v1/models, the metric and the x-model-version header show
-    source: str = ""  # the URI or directory the user named
-
-    @property
-    def name(self) -> str:
-        return str(self.meta.get("name") or self.path.name)
-
-    @property
-    def input_shape(self) -> tuple[int, ...] | None:
-        shape = self.meta.get("input_shape")
-        return tuple(int(d) for d in shape) if shape else None
-
-    @property
-    def input_dtype(self) -> str:
-        return str(self.meta.get("input_dtype") or "float32")
-
-    @property
-    def labels(self) -> list[str] | None:
-        labels = self.meta.get("labels")
-        return [str(x) for x in labels] if labels else None
-
-
-def read_model_dir(path: str | Path, *, version: str | None = None, source: str = "") -> ModelDir:
-    """Parse meta.json and check the files exist; raises ServeError naming the file and the fix."""
-    path = Path(path).resolve()
-    if not path.is_dir():
-        raise ServeError(f"{path}: model directory not found",
-                         hint="pass a directory holding model.safetensors, model.py and meta.json")
-    for name in (WEIGHTS, CODE, META):
-        if not (path / name).is_file():
-            raise ServeError(f"{path}: {name} is missing",
-                             hint="a model directory holds model.safetensors, model.py and meta.json")
-    try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, ValueError) as e:
-        raise ServeError(f"{path / META}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ServeError(f"{path / META}: must be a JSON object")
-    shape = meta.get("input_shape")
-    if shape is not None and (not isinstance(shape, list) or not shape
-                              or not all(isinstance(d, int) and d > 0 for d in shape)):
-        raise ServeError(f"{path / META}: input_shape: {shape!r} is not a list of positive integers",
-                         hint="e.g. \"input_shape\": [64]")
-    if meta.get("input_dtype", "float32") not in DTYPES:
-        raise ServeError(f"{path / META}: input_dtype: {meta['input_dtype']!r} is not supported",
-                         hint=f"allowed: {', '.join(DTYPES)}")
-    labels = meta.get("labels")
-    if labels is not None and not isinstance(labels, list):
-        raise ServeError(f"{path / META}: labels must be a list of strings")
-    if version is None:
-        version = str(meta.get("version") or path.name)
-    return ModelDir(path=path, meta=meta, version=version, source=source or str(path))
-
-
-# meta.json "input_dtype" -> (torch dtype name, JSON element type)
-DTYPES: dict[str, tuple[str, type]] = {
-    "float32": ("float32", float), "float16": ("float16", float), "bfloat16": ("bfloat16", float),
-    "float64": ("float64", float), "int64": ("int64", int), "int32": ("int32", int),
-}
 
 
 def expected_checksums(model: ModelDir) -> dict[str, str]:
@@ -142,7 +72,6 @@ def build_module(model: ModelDir, device):
     if not isinstance(module, torch.nn.Module):
         raise ServeError(f"{model.path / CODE}: {factory_name}() returned {type(module).__name__}, "
                          "not a torch.nn.Module")
-    check_safetensors_header(model.path / WEIGHTS)  # else safetensors says only "header too large"
     state = load_file(str(model.path / WEIGHTS), device="cpu")
     try:
         module.load_state_dict(state, strict=True)

@@ -28,9 +28,9 @@ from typing import Any
 import msgspec
 
 from ..errors import CapsuleError, IntegrityError, ServeError
-from .handler import Handler, InputError
+from ..registry.modeldir import ModelDir, read_model_dir
 from ..registry.types import META
-from .loader import ModelDir, read_model_dir
+from .handler import Handler, InputError
 
 log = logging.getLogger("torchcapsule.serve")
 

@@ -145,7 +145,7 @@ def _handler_examples(opts, model_path: str) -> list[dict]:
     import msgspec
 
     from .handler import load_handler_class
-    from .loader import read_model_dir
+    from ..registry.modeldir import read_model_dir
 
     cls = load_handler_class(opts.handler, Path(opts.base_dir) if opts.base_dir else None)
     example = cls(read_model_dir(model_path)).example()
