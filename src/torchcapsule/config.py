@@ -297,20 +297,42 @@ class Registry(_Model):
 
 
 class Serve(_Model):
-    model: str | None = None  # models:/NAME@ALIAS, models:/NAME/VERSION or a directory
-    handler: str | None = None  # "serve.py:Handler"
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
-    max_batch_size: int = Field(32, ge=1, le=4096)
-    max_wait_ms: float = Field(2.0, ge=0, le=10_000)
-    max_queue: int = Field(256, ge=1)
-    timeout_s: float = Field(10.0, gt=0)
-    max_body_bytes: int = Field(1 << 20, ge=1)
-    workers: int = Field(1, ge=1)
-    device: str = "auto"
-    # seconds between checks of the alias/directory for a new version (hot reload); 0 = never;
-    # unset = 30 for models:/NAME@ALIAS and symlinked directories, else 0
-    reload_interval: float | None = Field(None, ge=0)
+    """The service's settings, defined once: capsule.yaml `serve:` and `capsule serve`'s flags, whose
+    types, bounds, defaults and help cli/serve.py builds from these fields (a flag overrides yaml)."""
+
+    model: str | None = Field(None, description="models:/NAME@ALIAS, models:/NAME/VERSION or a model directory.")
+    handler: str | None = Field(None, description="Custom handler FILE.py:Class (else the built-in handler, "
+                                "which reads meta.json).")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port (0 = any free port).")
+    workers: int = Field(1, ge=1, description="Worker processes sharing the port; the flag also takes 'gpu': "
+                         "one per visible GPU, each on its own.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Requests per batch.")
+    max_wait_ms: float = Field(2.0, ge=0, le=10_000, description="Longest a batch keeps collecting while "
+                               "requests keep arriving (ms).")
+    max_queue: int = Field(256, ge=1, description="Queued requests before 503.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout in seconds, answered 504.")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="Larger bodies get 413.")
+    reload_interval: float | None = Field(None, ge=0, description="Check the alias/directory for a new version "
+                                          "every S seconds (0 = never; unset: 30 for models:/NAME@ALIAS and "
+                                          "for symlinks, else 0).")
+    threads: int = Field(0, ge=0, description="torch intra-op threads per process (0 = torch's default).")
+    forward_thread: bool = Field(False, description="Run forwards in a worker thread instead of the event loop.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Server log level.")
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The `capsule serve` flag of field NAME."""
+        return "--timeout" if name == "timeout_s" else "--" + name.replace("_", "-")
+
+    def flags(self) -> list[str]:
+        """`capsule serve` arguments that reproduce these settings (MODEL first)."""
+        argv = [str(self.model)]
+        for name, value in self.model_dump(exclude={"model"}).items():
+            if value is not None and value is not False:
+                argv += [self.flag(name)] + ([] if value is True else [str(value)])
+        return argv
 
 
 _CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")

@@ -106,3 +106,16 @@ def test_probes_models_and_openapi(server):
     assert set(spec["components"]["schemas"]["Prediction"]["required"]) == {"label", "index", "score", "scores"}
     assert {"200", "413", "422", "503"} <= set(op["responses"])
     assert "/healthz" in spec["paths"] and "/metrics" in spec["paths"]
+
+
+def test_capsule_yaml_serve_settings_reach_the_server_and_flags_override_them(tmp_path):
+    model = write_mlp_dir(tmp_path / "digits", (64, 8, 10), version="1")
+    (tmp_path / "capsule.yaml").write_text(
+        "name: demo\nserve:\n  max_body_bytes: 3000\n  timeout_s: 7\n  reload_interval: 4\n")
+    with running_server(model, "-f", str(tmp_path / "capsule.yaml"), "--timeout", "5", tmp=tmp_path) as s:
+        responses = httpx.get(s.url + "/openapi.json").json()["paths"]["/v1/predict"]["post"]["responses"]
+        assert responses["413"]["description"] == "Body over 3000 bytes"  # from capsule.yaml
+        assert responses["504"]["description"] == "No answer within 5 s"  # the flag beats yaml's 7
+        assert httpx.get(s.url + "/v1/models").json()["reload_interval_s"] == 4.0
+        big = httpx.post(s.url + "/v1/predict", content=b"[" + b"1," * 1600 + b"1]")
+        assert big.status_code == 413 and "3000 byte limit" in big.json()["detail"]

@@ -8,7 +8,8 @@ import json
 import msgspec
 import pytest
 
-from torchcapsule.serve.app import ServeApp, ServeSettings, _msgspec_field
+from torchcapsule.config import Serve
+from torchcapsule.serve.app import ServeApp, _msgspec_field
 from torchcapsule.serve.handler import DefaultHandler
 from torchcapsule.serve.reload import LocalSource, load_version
 from torchcapsule.serve.testing import write_mlp_dir
@@ -25,7 +26,7 @@ def test_msgspec_error_split_into_message_and_field():
 def app(tmp_path):
     d = write_mlp_dir(tmp_path / "m", (64, 8, 10), version="9")
     src = LocalSource(d)
-    a = ServeApp(src, DefaultHandler, "cpu", ServeSettings(max_body_bytes=2000, max_queue=4))
+    a = ServeApp(src, DefaultHandler, "cpu", Serve(max_body_bytes=2000, max_queue=4))
     a.current = load_version(src, src.current(), DefaultHandler, "cpu")
     return a
 

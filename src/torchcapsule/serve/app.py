@@ -16,10 +16,10 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import msgspec
 
+from ..config import Serve
 from .batcher import Batcher, Closed, QueueFull
 from .handler import Handler, InputError
 from .metrics import Metrics
@@ -30,17 +30,7 @@ log = logging.getLogger("torchcapsule.serve")
 PREDICT_PATH = "/v1/predict"
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    max_batch_size: int = 32
-    max_wait_ms: float = 2.0
-    max_queue: int = 256
-    timeout_s: float = 10.0
-    max_body_bytes: int = 1 << 20
-    reload_interval: float = 0.0  # seconds between alias checks; 0 = never reload
-    in_thread: bool = False  # run forwards in one worker thread instead of on the loop
-    retry_after_s: int = 1
-
+RETRY_AFTER = b"1"  # seconds, in the Retry-After header of a 503
 
 _JSON = (b"content-type", b"application/json")
 _encode_error = msgspec.json.Encoder().encode
@@ -57,7 +47,7 @@ def _msgspec_field(err: Exception) -> tuple[str, str | None]:
 
 class ServeApp:
     def __init__(self, source: VersionSource, handler_cls: type[Handler], device,
-                 settings: ServeSettings = ServeSettings()) -> None:
+                 settings: Serve = Serve()) -> None:
         self.source = source
         self.handler_cls = handler_cls
         self.device = device
@@ -68,7 +58,7 @@ class ServeApp:
         self.on_fatal: Callable[[str], None] | None = None  # set by the server: exit on failure
         self.batcher = Batcher(self._process, max_batch_size=settings.max_batch_size,
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                               timeout_s=settings.timeout_s, in_thread=settings.in_thread,
+                               timeout_s=settings.timeout_s, in_thread=settings.forward_thread,
                                on_batch=self._on_batch)
         self.metrics = Metrics(lambda: self.batcher.depth)
         self.watcher: Watcher | None = None
@@ -98,7 +88,7 @@ class ServeApp:
             # Full: answer before reading or decoding the body, so overload costs microseconds
             # per refused request and the loop's time goes to the batches of accepted ones.
             return await self._reply(send, 503, f"queue full ({self.settings.max_queue} requests waiting)",
-                                     t0=t0, extra=[(b"retry-after", b"%d" % self.settings.retry_after_s)])
+                                     t0=t0, extra=[(b"retry-after", RETRY_AFTER)])
         limit = self.settings.max_body_bytes
         for k, v in scope["headers"]:
             if k == b"content-length":
@@ -133,7 +123,7 @@ class ServeApp:
         runner = self.current
         if runner is None:
             return await self._reply(send, 503, "model not loaded yet", t0=t0,
-                                     extra=[(b"retry-after", b"%d" % self.settings.retry_after_s)])
+                                     extra=[(b"retry-after", RETRY_AFTER)])
         try:
             request = runner.decoder.decode(body)
             runner.handler.validate(request)
@@ -148,7 +138,7 @@ class ServeApp:
             result = await self.batcher.submit(runner, request)
         except QueueFull as e:
             return await self._reply(send, 503, str(e), t0=t0,
-                                     extra=[(b"retry-after", b"%d" % self.settings.retry_after_s)])
+                                     extra=[(b"retry-after", RETRY_AFTER)])
         except TimeoutError as e:
             return await self._reply(send, 504, str(e), t0=t0)
         except Closed as e:
@@ -219,7 +209,7 @@ class ServeApp:
         gc.collect()
         gc.freeze()
         log.info("serving %s version %s on %s", runner.model.name, runner.version, self.device)
-        if self.settings.reload_interval > 0:
+        if self.settings.reload_interval:  # resolved by the CLI; None or 0: never
             self.watcher = Watcher(self.source, self._load, self._publish, self._reject,
                                    self.settings.reload_interval, serving_key=key)
             self.watcher.start()
@@ -289,7 +279,7 @@ def build_admin(app: ServeApp):
     def models() -> dict:
         r = app.current
         return {"source": app.source.uri, "models": [r.describe()] if r else [],
-                "reload_interval_s": app.settings.reload_interval, "events": app.events[-20:]}
+                "reload_interval_s": app.settings.reload_interval or 0.0, "events": app.events[-20:]}
 
     def openapi() -> dict:
         if api.openapi_schema and app.current is not None:

@@ -11,29 +11,24 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Serve
 from ..errors import ServeError
-from .app import ServeSettings
 
 log = logging.getLogger("torchcapsule.serve")
 
 
 @dataclass(frozen=True)
 class ServerOptions:
-    model: str
-    handler: str | None = None
+    """A resolved `capsule serve`: its settings (config.Serve, the one definition, with the model
+    and reload_interval resolved) and what the CLI found around them."""
+
+    settings: Serve
     base_dir: str | None = None  # where relative model/handler paths are taken from
     project_file: str | None = None  # capsule.yaml (its registry.tracking_uri for models:/ URIs)
-    host: str = "127.0.0.1"
-    port: int = 8080
-    device: str = "auto"
-    workers: int = 1
-    gpu_per_worker: bool = False  # worker i uses cuda:i
-    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
-    log_level: str = "info"
-    settings: ServeSettings = field(default_factory=ServeSettings)
+    gpu_per_worker: bool = False  # worker i uses cuda:i (--workers gpu)
 
 
 def build_app(opts: ServerOptions, device_spec: str | None = None):
@@ -42,33 +37,30 @@ def build_app(opts: ServerOptions, device_spec: str | None = None):
     from .reload import make_source, resolve_device
 
     base = Path(opts.base_dir) if opts.base_dir else None
-    source = make_source(opts.model, base_dir=base, cache_dir=(base or Path.cwd()) / ".capsule" / "serve-cache",
+    s = opts.settings
+    source = make_source(s.model, base_dir=base, cache_dir=(base or Path.cwd()) / ".capsule" / "serve-cache",
                          project_file=Path(opts.project_file) if opts.project_file else None)
-    handler_cls = load_handler_class(opts.handler, base)
-    device = resolve_device(device_spec or opts.device)
-    return ServeApp(source, handler_cls, device, opts.settings)
-
-
-def _tune_runtime(opts: ServerOptions) -> None:
-    import torch
-
-    if opts.threads > 0:
-        torch.set_num_threads(opts.threads)
+    handler_cls = load_handler_class(s.handler, base)
+    device = resolve_device(device_spec or s.device)
+    return ServeApp(source, handler_cls, device, s)
 
 
 def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec: str | None = None) -> None:
     """Serve in this process until SIGTERM/SIGINT; raises ServeError if no version could load."""
     import uvicorn
 
-    logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _tune_runtime(opts)
+    s = opts.settings
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if s.threads > 0:
+        import torch
+
+        torch.set_num_threads(s.threads)
     from .protocol import limited_protocol
 
     app = build_app(opts, device_spec)
     config = uvicorn.Config(
-        app, host=opts.host, port=opts.port, loop="uvloop", http=limited_protocol(), lifespan="on",
-        access_log=False, log_level=opts.log_level,
-        timeout_graceful_shutdown=opts.settings.timeout_s + 5, timeout_keep_alive=30,
+        app, host=s.host, port=s.port, loop="uvloop", http=limited_protocol(), lifespan="on",
+        access_log=False, log_level=s.log_level, timeout_graceful_shutdown=s.timeout_s + 5, timeout_keep_alive=30,
     )
     server = _DrainingServer(config, app)
 
@@ -80,9 +72,9 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run(sockets=[sock] if sock is not None else None)
     if app.failed:
-        raise ServeError(f"could not serve {opts.model}: {app.failed}")
+        raise ServeError(f"could not serve {s.model}: {app.failed}")
     if not server.started:
-        raise ServeError(f"could not listen on {opts.host}:{opts.port}",
+        raise ServeError(f"could not listen on {s.host}:{s.port}",
                          hint="is the port in use? pick another with --port")
 
 
@@ -110,9 +102,7 @@ def _DrainingServer(config, app):
     return Server(config)
 
 
-def _worker(opts_dict: dict, sock: socket.socket, index: int) -> None:
-    settings = ServeSettings(**opts_dict.pop("settings"))
-    opts = ServerOptions(**opts_dict, settings=settings)
+def _worker(opts: ServerOptions, sock: socket.socket, index: int) -> None:
     device = f"cuda:{index}" if opts.gpu_per_worker else None
     try:
         run_one(opts, sock, device)
@@ -123,12 +113,13 @@ def _worker(opts_dict: dict, sock: socket.socket, index: int) -> None:
 
 def run_workers(opts: ServerOptions) -> None:
     """N processes on one listening socket (the kernel spreads connections between them)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in opts.host else socket.AF_INET)
+    s = opts.settings
+    sock = socket.socket(socket.AF_INET6 if ":" in s.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((opts.host, opts.port))
+        sock.bind((s.host, s.port))
     except OSError as e:
-        raise ServeError(f"--port {opts.port}: cannot listen on {opts.host}: {e.strerror}",
+        raise ServeError(f"--port {s.port}: cannot listen on {s.host}: {e.strerror}",
                          hint="pick another --port") from None
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -150,14 +141,13 @@ def _supervise(opts: ServerOptions, sock: socket.socket) -> None:
     from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")  # no fork after torch/threads exist
-    d = asdict(opts)
 
     def start(i: int):
-        p = ctx.Process(target=_worker, args=(dict(d), sock, i), name=f"capsule-serve-{i}")
+        p = ctx.Process(target=_worker, args=(opts, sock, i), name=f"capsule-serve-{i}")
         p.start()
         return p
 
-    procs = {i: start(i) for i in range(opts.workers)}
+    procs = {i: start(i) for i in range(opts.settings.workers)}
     restarts = dict.fromkeys(procs, 0)
     state = {"stopping": False}
     gave_up: list[str] = []
@@ -198,7 +188,7 @@ def _supervise(opts: ServerOptions, sock: socket.socket) -> None:
 
 
 def serve(opts: ServerOptions) -> None:
-    if opts.workers > 1:
+    if opts.settings.workers > 1:
         run_workers(opts)
     else:
         run_one(opts)

@@ -17,16 +17,11 @@ DIGITS_DATASETS = {"sklearn.datasets.load_digits", "sklearn-digits", "sklearn:di
 
 
 def _argv(opts, port: int) -> list[str]:
-    s = opts.settings
-    argv = [sys.executable, "-m", "torchcapsule.cli.main", "serve", opts.model, "--host", opts.host,
-            "--port", str(port), "--device", opts.device, "--max-batch-size", str(s.max_batch_size),
-            "--max-wait-ms", str(s.max_wait_ms), "--max-queue", str(s.max_queue), "--timeout", str(s.timeout_s),
-            "--max-body-bytes", str(s.max_body_bytes), "--reload-interval", "0", "--log-level", "warning"]
-    if opts.handler:
-        argv += ["--handler", opts.handler]
-    if opts.project_file:
-        argv += ["-f", opts.project_file]
-    return argv
+    s = opts.settings.model_copy(update={"port": port, "reload_interval": 0.0, "log_level": "warning"})
+    argv = [sys.executable, "-m", "torchcapsule.cli.main", "serve", *s.flags()]
+    if opts.gpu_per_worker:
+        argv[argv.index("--workers") + 1] = "gpu"
+    return argv + (["-f", opts.project_file] if opts.project_file else [])
 
 
 def sample_requests(meta: dict, n: int = 8) -> tuple[list[dict], list[str] | None]:
@@ -57,8 +52,8 @@ def smoke_test(opts, file: str | None = None) -> int:
     from rich.console import Console
 
     out = Console(highlight=False)
-    port = free_port(opts.host)
-    base = f"http://{opts.host}:{port}"
+    port = free_port(opts.settings.host)
+    base = f"http://{opts.settings.host}:{port}"
     proc = subprocess.Popen(_argv(opts, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=opts.base_dir or None, env={**os.environ})
     problems: list[str] = []
@@ -67,13 +62,13 @@ def smoke_test(opts, file: str | None = None) -> int:
             info = _wait_ready(client, proc, 120)
             model = info["models"][0]
             meta = json.loads((Path(model["path"]) / "meta.json").read_text())
-            if opts.handler:
+            if opts.settings.handler:
                 reqs, truth = _handler_examples(opts, model["path"]), None
             else:
                 reqs, truth = sample_requests(meta)
             if not reqs:
                 problems.append("no request to send: meta.json has no input_shape / the handler no example()")
-            labels = model.get("labels") if not opts.handler else None
+            labels = model.get("labels") if not opts.settings.handler else None
             correct = 0
             t0 = time.perf_counter()
             for i, body in enumerate(reqs):
@@ -89,7 +84,7 @@ def smoke_test(opts, file: str | None = None) -> int:
                         problems.append(f"request {i}: answer {ans} does not name one of the {len(labels)} labels")
                     elif truth and ans["label"] == truth[i]:
                         correct += 1
-                elif not opts.handler and "outputs" not in ans:
+                elif not opts.settings.handler and "outputs" not in ans:
                     problems.append(f"request {i}: answer has no 'outputs': {ans}")
             elapsed = time.perf_counter() - t0
             bad = client.post("/v1/predict", content=b"{not json")
@@ -147,6 +142,6 @@ def _handler_examples(opts, model_path: str) -> list[dict]:
     from .handler import load_handler_class
     from ..registry.modeldir import read_model_dir
 
-    cls = load_handler_class(opts.handler, Path(opts.base_dir) if opts.base_dir else None)
+    cls = load_handler_class(opts.settings.handler, Path(opts.base_dir) if opts.base_dir else None)
     example = cls(read_model_dir(model_path)).example()
     return [msgspec.to_builtins(example)] * 4 if example is not None else []
