@@ -74,3 +74,66 @@ def test_alias_move_is_served_without_a_failed_request(tmp_path, monkeypatch):
         r = run_capsule("serve", "--smoke-test", cwd=root, env=_env(), timeout=240)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "digits version 2" in r.stdout and "ok:" in r.stdout
+
+
+def test_two_workers_on_an_empty_cache_download_once_and_a_killed_worker_comes_back(tmp_path, monkeypatch):
+    """issue 14 item 4: both workers of `--workers 2` need the version; one downloads it under the
+    cache lock, the other waits and reads the same entry. A worker killed later is started again."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        missing_part("mlflow is not installed; pip install -e '.[registry]'")
+    import os
+    import signal
+
+    from torchcapsule import registry
+    from torchcapsule.serve.reload import cache_identity
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "capsule.yaml").write_text(YAML)
+    write_mlp_dir(root / "models" / "v1", (64, 16, 10), seed=1, checksums=False)
+    r = run_capsule("models", "register", "--model-dir", "models/v1", "--no-promote", cwd=root,
+                    env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    cache = root / ".capsule" / "serve-cache" / "digits"
+    from torchcapsule.config import load_project
+    project = load_project(root / "capsule.yaml")
+    entry = f"1-{cache_identity(registry.store_uri(project=project), registry.resolve('models:/digits/1', project=project))}"
+    # what a worker killed mid-download leaves: its partial copy and the pull's staging folder
+    for stale in (f".{entry}.partial", f"..{entry}.partial.pull-x1"):
+        (cache / stale).mkdir(parents=True)
+        (cache / stale / "model.safetensors").write_bytes(b"half")
+
+    def pids_answering(url: str, deadline_s: float) -> set[int]:
+        """Worker pids seen answering version 1 on new connections (either worker takes one);
+        a worker still loading answers 503 and is asked again."""
+        seen: set[int] = set()
+        end = time.monotonic() + deadline_s
+        while len(seen) < 2 and time.monotonic() < end:
+            with httpx.Client(base_url=url, timeout=10) as fresh:
+                p = fresh.post("/v1/predict", json={"inputs": [0.5] * 64})
+                if p.status_code == 503 and "not loaded yet" in p.text:
+                    continue
+                assert p.status_code == 200 and p.headers["x-model-version"] == "1", p.text
+                seen.add(fresh.get("/v1/models").json()["models"][0]["pid"])
+        return seen
+
+    with running_server("models:/digits/1", "-f", str(root / "capsule.yaml"), "--workers", "2",
+                        tmp=root, ready_timeout=180) as s:
+        first = pids_answering(s.url, 120)
+        assert len(first) == 2 and s.proc.pid not in first, first
+        assert [p.name for p in cache.iterdir() if p.is_dir()] == [entry]  # one entry, no partial left
+        assert s.output().count("serve cache: downloaded models:/digits/1") == 1, s.output()[-3000:]
+
+        killed = min(first)
+        os.kill(killed, signal.SIGKILL)
+        end = time.monotonic() + 120
+        while "starting it again (1/3)" not in s.output():
+            assert time.monotonic() < end and s.proc.poll() is None, s.output()[-3000:]
+            time.sleep(0.1)
+        again = pids_answering(s.url, 120)
+        assert len(again) == 2 and killed not in again, (first, again)
+        assert s.output().count("serve cache: downloaded") == 1  # the new worker read the cache

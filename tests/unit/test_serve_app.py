@@ -92,3 +92,31 @@ def test_openapi_components_come_from_the_handler_types(app):
     assert refs["request"] == {"$ref": "#/components/schemas/PredictRequest"}
     assert comps["ErrorBody"]["required"] == ["detail"]
     assert comps["PredictRequest"]["properties"]["inputs"]["minItems"] == 64
+
+
+def test_a_full_queue_answers_503_before_reading_the_body(app):
+    """issue 14 item 6: at max_queue waiting requests the answer is 503 + Retry-After at once, the
+    body never read; the queued requests are still answered."""
+    async def main():
+        app.batcher.start()
+        request = app.current.decoder.decode(json.dumps({"inputs": [1.0] * 64}).encode())
+        queued = [app.batcher.submit(app.current, request) for _ in range(4)]  # max_queue=4
+        reads, sent = [], []
+
+        async def receive():
+            reads.append(1)
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(msg):
+            sent.append(msg)
+
+        await app({"type": "http", "method": "POST", "path": "/v1/predict", "headers": []}, receive, send)
+        answers = await asyncio.gather(*queued)
+        await app.batcher.stop(drain_timeout=1)
+        return sent, reads, answers
+
+    sent, reads, answers = asyncio.run(main())
+    start = sent[0]
+    assert start["status"] == 503 and dict(start["headers"])[b"retry-after"] == b"1"
+    assert b"queue full (4 requests waiting)" in sent[1]["body"] and reads == []
+    assert all(set(json.loads(a)) == {"label", "index", "score", "scores"} for a in answers)

@@ -124,15 +124,19 @@ class RegistrySource(VersionSource):
                     log.warning("serve cache: %s; downloading it again", e)
                     shutil.rmtree(dest)
             if not (dest / META).is_file():
-                # download beside the cache entry, then rename: a half download is never served
-                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-                shutil.rmtree(tmp, ignore_errors=True)
+                # download beside the cache entry, then rename: a half download is never served.
+                # One name will do (the lock admits one writer); what a holder killed mid-download
+                # left (its partial copy, the pull's staging "..NAME.partial.pull-*") goes first.
+                tmp = dest.with_name(f".{dest.name}.partial")
+                for stale in dest.parent.glob(f".*{dest.name}.partial*"):
+                    shutil.rmtree(stale, ignore_errors=True)
                 try:
                     registry.download(mv.uri, tmp, **kw)  # verifies every sha256
                     shutil.rmtree(dest, ignore_errors=True)
                     tmp.rename(dest)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
+                log.info("serve cache: downloaded %s into %s", mv.uri, dest)
         return read_model_dir(dest, version=key, source=self.uri)
 
 
