@@ -28,7 +28,8 @@ def _env() -> dict[str, str]:
     return {"PYTHONPATH": str(REPO / "src"), "MLFLOW_TRACKING_URI": "", "MLFLOW_REGISTRY_URI": ""}
 
 
-def test_alias_move_is_served_without_a_failed_request(tmp_path, monkeypatch):
+def _project_with_versions(tmp_path, monkeypatch, hidden: tuple[int, ...]):
+    """A project whose embedded store holds one registered version per hidden size (1, 2, ...)."""
     try:
         import mlflow  # noqa: F401
     except ImportError:
@@ -36,18 +37,21 @@ def test_alias_move_is_served_without_a_failed_request(tmp_path, monkeypatch):
     root = tmp_path / "proj"
     root.mkdir()
     (root / "capsule.yaml").write_text(YAML)
-    write_mlp_dir(root / "models" / "v1", (64, 16, 10), seed=1, checksums=False)
-    write_mlp_dir(root / "models" / "v2", (64, 24, 10), seed=2, checksums=False)
-    for d in ("v1", "v2"):
-        r = run_capsule("models", "register", "--model-dir", f"models/{d}", "--no-promote", cwd=root,
+    for i, h in enumerate(hidden, 1):
+        write_mlp_dir(root / "models" / f"v{i}", (64, h, 10), seed=i, checksums=False)
+        r = run_capsule("models", "register", "--model-dir", f"models/v{i}", "--no-promote", cwd=root,
                         env=_env(), timeout=300)
         assert r.returncode == 0, r.stderr
-    r = run_capsule("models", "promote", "digits", "1", cwd=root, env=_env(), timeout=120)
-    assert r.returncode == 0, r.stderr
-
     # the server finds the store through capsule.yaml (-f), not the environment
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    return root
+
+
+def test_alias_move_is_served_without_a_failed_request(tmp_path, monkeypatch):
+    root = _project_with_versions(tmp_path, monkeypatch, (16, 24))
+    r = run_capsule("models", "promote", "digits", "1", cwd=root, env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
     with running_server("models:/digits@champion", "-f", str(root / "capsule.yaml"), "--reload-interval", "0.5",
                         tmp=root, ready_timeout=120) as s:
         seen = []
@@ -79,27 +83,15 @@ def test_alias_move_is_served_without_a_failed_request(tmp_path, monkeypatch):
 def test_two_workers_on_an_empty_cache_download_once_and_a_killed_worker_comes_back(tmp_path, monkeypatch):
     """issue 14 item 4: both workers of `--workers 2` need the version; one downloads it under the
     cache lock, the other waits and reads the same entry. A worker killed later is started again."""
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        missing_part("mlflow is not installed; pip install -e '.[registry]'")
     import os
     import signal
 
     from torchcapsule import registry
+    from torchcapsule.config import load_project
     from torchcapsule.serve.reload import cache_identity
 
-    root = tmp_path / "proj"
-    root.mkdir()
-    (root / "capsule.yaml").write_text(YAML)
-    write_mlp_dir(root / "models" / "v1", (64, 16, 10), seed=1, checksums=False)
-    r = run_capsule("models", "register", "--model-dir", "models/v1", "--no-promote", cwd=root,
-                    env=_env(), timeout=300)
-    assert r.returncode == 0, r.stderr
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    root = _project_with_versions(tmp_path, monkeypatch, (16,))
     cache = root / ".capsule" / "serve-cache" / "digits"
-    from torchcapsule.config import load_project
     project = load_project(root / "capsule.yaml")
     entry = f"1-{cache_identity(registry.store_uri(project=project), registry.resolve('models:/digits/1', project=project))}"
     # what a worker killed mid-download leaves: its partial copy and the pull's staging folder
