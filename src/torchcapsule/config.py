@@ -8,13 +8,17 @@ from __future__ import annotations
 import difflib
 import re
 import reprlib
+from datetime import timedelta
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
@@ -120,6 +124,48 @@ def parse_gpus(value: Any) -> GpuRequest:
     raise ValueError(f"{_short(value)} is not a GPU request; use a count such as 2 or TYPE:N such as H100:4")
 
 
+# -- durations -------------------------------------------------------------------------------
+_UNIT_TIME = re.compile(r"(?:(\d{1,9})d)?(?:(\d{1,9})h)?(?:(\d{1,9})m)?(?:(\d{1,9})s)?")
+_SLURM_TIME = re.compile(r"(?:(\d{1,9})-)?(\d{1,9})(?::(\d{1,9}))?(?::(\d{1,9}))?")
+MAX_DURATION = timedelta(days=365)  # far above any job; stops 10**20 minutes overflowing timedelta
+DURATION_FORMS = "use 90m, 2h, 1h30m, 1d, or Slurm's minutes (90), MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS"
+
+
+def parse_duration(value: Any) -> timedelta:
+    """A wall-clock limit: Slurm's --time forms (a bare number is minutes) or 2h, 90m, 1h30m, 1d."""
+    if isinstance(value, timedelta):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else str(value) if type(value) is int else ""
+    unit, slurm = _UNIT_TIME.fullmatch(text), _SLURM_TIME.fullmatch(text)
+    if unit and any(unit.groups()):
+        d, h, m, s = (int(x or 0) for x in unit.groups())
+    elif slurm:
+        days, *fields = slurm.groups()
+        nums = [int(x) for x in fields if x is not None]
+        if any(x >= 60 for x in nums[1:]) or days and nums[0] >= 24:
+            raise ValueError(f"{_short(value)} is not a duration: minutes and seconds after the first field "
+                             f"run 0-59, hours after 'D-' 0-23; {DURATION_FORMS}")
+        # with a day: D-H[:M[:S]]; without: M, M:S or H:M:S
+        d, (h, m, s) = int(days or 0), (nums + [0, 0])[:3] if days or len(nums) == 3 else [0, *nums, 0][:3]
+    else:
+        raise ValueError(f"{_short(value)} is not a duration; {DURATION_FORMS}")
+    seconds = ((d * 24 + h) * 60 + m) * 60 + s
+    if not 0 < seconds <= MAX_DURATION.total_seconds():
+        raise ValueError(f"{_short(value)} is {'no time' if seconds == 0 else 'over a year'}; "
+                         "use a limit from 1s to 365d, or leave the key out for no limit")
+    return timedelta(seconds=seconds)
+
+
+def duration_text(limit: timedelta) -> str:
+    """Slurm's --time form, also how capsule.yaml's durations are written out: HH:MM:SS or D-HH:MM:SS."""
+    d, s = divmod(int(limit.total_seconds()), 86400)
+    hms = f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{d}-{hms}" if d else hms
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(duration_text, when_used="json")]
+
+
 # -- image ------------------------------------------------------------------------------------
 class User(_Model):
     name: str = Field("mluser", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -212,7 +258,7 @@ class Resources(_Model):
     cpus: int | None = Field(None, ge=1)
     memory: str | None = None
     shm_size: str | None = None
-    time: str | None = None  # wall-clock limit, e.g. "02:00:00"
+    time: Duration | None = None  # wall-clock limit (Slurm --time, Kubernetes activeDeadlineSeconds)
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -391,7 +437,7 @@ class SlurmTarget(_Model):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str | None = None
+    time: Duration | None = None
     constraint: str | None = None
     container: SlurmContainer | None = None
     extra_directives: tuple[str, ...] = ()
@@ -399,7 +445,7 @@ class SlurmTarget(_Model):
     # container runtime is set; must exist on the compute nodes. Default: the submitting one.
     python: str | None = None
 
-    @field_validator("partition", "account", "qos", "time", "constraint", "python")
+    @field_validator("partition", "account", "qos", "constraint", "python")
     @classmethod
     def _directive(cls, v: str | None) -> str | None:
         return _one_line(v)  # each becomes one `#SBATCH --key=value` line
@@ -565,11 +611,24 @@ def expanded_size(root: Any) -> int:
     return size.get(id(root), 0)
 
 
+@cache
+def _loader() -> type:
+    """PyYAML's safe loader, except that YAML 1.1's base-60 numbers stay text: `time: 12:00:00` is
+    twelve hours, not the integer 43200 (minutes, for a duration), as YAML 1.2 reads it too."""
+    import yaml
+
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    base60 = ("tag:yaml.org,2002:str", re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$"))
+    resolvers = {k: [base60, *v] if k in tuple("+-0123456789") else v
+                 for k, v in base.yaml_implicit_resolvers.items()}
+    return type("CapsuleLoader", (base,), {"yaml_implicit_resolvers": resolvers})
+
+
 def parse_project(text: str, file: Path | str = PROJECT_FILE) -> Project:
     import yaml
 
     file = Path(file)
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    loader = _loader()
     try:
         node = yaml.compose(text, Loader=loader)
         if node is not None and expanded_size(node) > MAX_YAML_NODES:
@@ -655,7 +714,7 @@ def _line_of(text: str, loc: list[str]) -> int | None:
     import yaml
 
     try:
-        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        node = yaml.compose(text, Loader=_loader())
     except yaml.YAMLError:
         return None
     line = None
@@ -680,5 +739,6 @@ __all__ = [
     "Project", "Image", "User", "Volumes", "Stage", "Resources", "GpuRequest", "Registry",
     "Promotion", "Serve", "Schedule", "Targets", "DockerTarget", "SlurmTarget", "SlurmContainer",
     "KubernetesTarget", "Toleration", "load_project", "parse_project", "find_project_file",
-    "parse_size", "parse_gpus", "check_cron", "check_timezone", "PROJECT_FILE",
+    "parse_size", "parse_gpus", "parse_duration", "duration_text", "check_cron", "check_timezone",
+    "PROJECT_FILE",
 ]
