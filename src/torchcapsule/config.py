@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from .errors import CompatError, ConfigError
 
 PROJECT_FILE = "capsule.yaml"
 NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -49,6 +49,21 @@ def _short(value: Any) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 STAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+class FieldError(ValueError):
+    """A validator's error about another field than the one it checks, or about a whole model:
+    `loc` is the path from the top of capsule.yaml (pydantic's own loc would be the model's)."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc, self.message = loc, message
+
+    @classmethod
+    def of(cls, e: ConfigError) -> "FieldError":
+        """compat's and rules' errors begin with the field they name (their one-line CLI form)."""
+        where, _, message = e.message.partition(": ")
+        return cls(tuple(where.split(".")), message)
 
 
 def _one_line(v: Any) -> Any:
@@ -208,10 +223,6 @@ class Image(_Model):
     def _compatible(self) -> "Image":
         from .compat import load_matrix
 
-        # CompatError's message already names image.<field>; re-raise as a plain value error
-        # so the loader prefixes the file name like every other field error.
-        from .errors import CompatError
-
         try:
             load_matrix().check(self.torch, self.cuda, self.python)
             for req in self.pip:
@@ -220,7 +231,7 @@ class Image(_Model):
                 if m:
                     load_matrix().check_companion(self.torch, m.group(1), m.group(2), where="image.pip")
         except CompatError as e:
-            raise ValueError(f"@{e.message}") from None
+            raise FieldError.of(e) from None
         return self
 
 
@@ -332,7 +343,7 @@ class Promotion(_Model):
         try:
             parse_rule(v)
         except ConfigError as e:
-            raise ValueError(f"@{e.message}") from None
+            raise FieldError.of(e) from None
         return v
 
 
@@ -504,20 +515,16 @@ class Project(_Model):
                 if need not in self.stages:
                     close = difflib.get_close_matches(need, list(self.stages), n=1)
                     hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    raise ValueError(
-                        f"@stages.{name}.needs: unknown stage '{need}'{hint}; "
-                        f"stages: {', '.join(self.stages)}"
-                    )
+                    raise FieldError(("stages", name, "needs"), f"unknown stage '{need}'{hint}; "
+                                     f"stages: {', '.join(self.stages)}")
         # A cycle in `needs` is caught here too, so `capsule validate` reports it with its line.
         from .pipeline.dag import find_cycle
 
         cycle = find_cycle({n: s.needs for n, s in self.stages.items()})
         if cycle:
             a, b = cycle[-2], cycle[-1]
-            raise ValueError(
-                f"@stages.{b}.needs: cycle {' -> '.join(cycle)}; remove '{a}' from stages.{b}.needs "
-                "(or another need on the cycle)"
-            )
+            raise FieldError(("stages", b, "needs"), f"cycle {' -> '.join(cycle)}; remove '{a}' from "
+                             f"stages.{b}.needs (or another need on the cycle)")
         self._paths_contained()
         return self
 
@@ -529,7 +536,7 @@ class Project(_Model):
         for name in VOLUME_NAMES:
             host = self.volume_path(name)
             if system_path(host):
-                raise ValueError(f"@volumes.{name}: {_short(getattr(self.volumes, name))} is {host}, a system "
+                raise FieldError(("volumes", name), f"{_short(getattr(self.volumes, name))} is {host}, a system "
                                  f"directory that containers would mount read-write; use a project or data "
                                  f"directory, or {optin}")
         root = self.root.resolve()
@@ -538,8 +545,8 @@ class Project(_Model):
                 continue
             wd = (self.root / Path(stage.workdir).expanduser()).resolve()
             if wd != root and root not in wd.parents:
-                raise ValueError(f"@stages.{sname}.workdir: {_short(stage.workdir)} is {wd}, outside the "
-                                 f"project {root}; use a directory inside it, or {optin}")
+                raise FieldError(("stages", sname, "workdir"), f"{_short(stage.workdir)} is {wd}, outside "
+                                 f"the project {root}; use a directory inside it, or {optin}")
 
     def stage(self, name: str) -> Stage:
         if name not in self.stages:
@@ -656,11 +663,11 @@ def parse_project(text: str, file: Path | str = PROJECT_FILE) -> Project:
 def _format_error(err: ValidationError, file: Path, text: str) -> str:
     """The first error as one line: file:line: field.path: problem; allowed values."""
     e = err.errors()[0]
-    loc = [str(p) for p in e["loc"]]
-    msg = e["msg"].removeprefix("Value error, ")
-    if msg.startswith("@"):  # a validator that names its own field path
-        path_txt, _, msg = msg[1:].partition(": ")
-        loc = path_txt.split(".")
+    named = e.get("ctx", {}).get("error")
+    if isinstance(named, FieldError):
+        loc, msg = list(named.loc), named.message
+    else:
+        loc, msg = [str(p) for p in e["loc"]], e["msg"].removeprefix("Value error, ")
     kind = e["type"]
     if kind == "extra_forbidden":
         key = loc[-1]
