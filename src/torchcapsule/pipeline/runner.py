@@ -221,6 +221,10 @@ class PipelineRunner:
             self._finish(st)
             raise
         follower.join(timeout=10)
+        from ..registry.tracking import catch_up_job
+
+        for note in catch_up_job(spec):  # metrics the job could not send to MLflow itself
+            self.events.note(note)
         st.exit_code = status.exit_code
         self._finish(st)
         st.metric = key_metric(self.logs, name, since=st.started_at)
