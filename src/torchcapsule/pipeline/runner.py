@@ -22,7 +22,7 @@ from typing import Any
 from ..config import Project
 from ..errors import CapsuleError, ImageError, PipelineError, PipelineInterrupted
 from . import cache, dag
-from .record import RunRecord, RunStore, StageRecord, new_run_id
+from .record import ATTEMPTED, RunRecord, RunStore, StageRecord, new_run_id
 from .scrape import key_metric, model_version_from
 
 _LOCAL_MACHINE_BACKENDS = ("local", "docker")  # stages use this machine's GPUs
@@ -180,6 +180,9 @@ class PipelineRunner:
             self.events.stage(st)
             return True
 
+        adopted = self._leftover_job(name, fp, history, backend)
+        if adopted is not None:  # its job id, log and outputs file are the interrupted run's
+            run_dir = self.store.dir / adopted[1]
         image, refusal = pulled_image(self.project, backend)  # a cluster pulls it by its digest
         spec = job_spec(self.project, name, image=image)
         outputs_file = run_dir / f"{name}.outputs.json"
@@ -194,9 +197,12 @@ class PipelineRunner:
         self.store.save(rec)
         self.events.stage(st)
         try:
-            if refusal:
+            if adopted is not None:
+                st.job_id = adopted[0]
+            elif refusal:
                 raise ImageError(refusal)
-            st.job_id = backend.submit(spec)
+            else:
+                st.job_id = backend.submit(spec)
         except CapsuleError as e:
             st.state, st.reason, st.exit_code = "failed", str(e), None
             self._finish(st)
@@ -215,6 +221,10 @@ class PipelineRunner:
             self._finish(st)
             raise
         follower.join(timeout=10)
+        from ..registry.tracking import catch_up_job
+
+        for note in catch_up_job(spec):  # metrics the job could not send to MLflow itself
+            self.events.note(note)
         st.exit_code = status.exit_code
         self._finish(st)
         st.metric = key_metric(self.logs, name, since=st.started_at)
@@ -238,6 +248,32 @@ class PipelineRunner:
         self.store.save(rec)
         self.events.stage(st)
         return st.state == "succeeded"
+
+    def _leftover_job(self, name: str, fp: str, history: list[RunRecord], backend) -> tuple[str, str] | None:
+        """A run killed outright (kill -9, a lost node) leaves its stage's job running. Never start a
+        second one beside it: adopt it when it runs what this run would ((job id, its run id)), else
+        (inputs changed, --force) cancel it and wait until it has ended, then submit anew."""
+        from ..launch import backend_of, get_backend
+
+        run_id, last = next(((r.run_id, s) for r in history for s in r.stages
+                             if s.name == name and s.state in ATTEMPTED), (None, None))
+        if last is None or last.state != "interrupted" or not last.job_id:
+            return None
+        try:
+            owner = backend if backend_of(last.job_id)[0] == self.opts.on else \
+                get_backend(backend_of(last.job_id)[0], project=self.project)
+            if owner.status(last.job_id).state.terminal:
+                return None
+            if last.fingerprint == fp and not self.opts.force:
+                self.events.note(f"{name}: adopting job {last.job_id} of interrupted run {run_id}: still running")
+                return last.job_id, run_id
+            self.events.note(f"{name}: cancelling job {last.job_id} of interrupted run {run_id} "
+                             f"({'--force' if self.opts.force else 'its inputs changed'})")
+            owner.cancel(last.job_id)
+            owner.wait(last.job_id, poll_s=0.2, timeout_s=120)
+        except CapsuleError as e:  # gone or unreachable: nothing left to adopt
+            self.events.note(f"{name}: job {last.job_id} of interrupted run {run_id}: {e}")
+        return None
 
     def _follow(self, backend, job_id: str, name: str, log_path: Path, lines) -> None:
         try:
