@@ -62,7 +62,7 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
         app, host=s.host, port=s.port, loop="uvloop", http=limited_protocol(), lifespan="on",
         access_log=False, log_level=s.log_level, timeout_graceful_shutdown=s.timeout_s + 5, timeout_keep_alive=30,
     )
-    server = _DrainingServer(config, app)
+    server = draining_server(config, app)
 
     def fatal(why: str) -> None:
         server.should_exit = True
@@ -84,7 +84,7 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
 DRAIN_GRACE_S = 0.5
 
 
-def _DrainingServer(config, app):
+def draining_server(config, app):
     import asyncio
 
     import uvicorn
