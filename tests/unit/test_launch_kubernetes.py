@@ -15,8 +15,8 @@ from torchcapsule.config import KubernetesTarget, load_project
 from torchcapsule.errors import BackendError, JobNotFound
 from torchcapsule.launch.api import JobState
 from torchcapsule.launch.kubernetes import (
-    CANCELLED, GPU_PRODUCTS, JOB_LABEL, Apis, KubernetesBackend, exit_code, gpu_placement, job_status,
-    manifests,
+    CANCELLED, GPU_PRODUCTS, JOB_LABEL, Apis, KubernetesBackend, gpu_placement, job_status, manifests,
+    terminated,
 )
 from torchcapsule.launch.spec import job_spec
 
@@ -135,7 +135,7 @@ def test_job_status_table():
     ok = job_status(_job([("Complete", None)]), _pods(0), "k:ns/j")
     assert (ok.state, ok.exit_code) == (JobState.SUCCEEDED, 0)
     bad = job_status(_job([("Failed", "BackoffLimitExceeded")]), _pods(0, 3), "k:ns/j")
-    assert (bad.state, bad.exit_code, bad.reason) == (JobState.FAILED, 3, "BackoffLimitExceeded")
+    assert (bad.state, bad.exit_code, bad.reason) == (JobState.FAILED, 3, "BackoffLimitExceeded; exited with code 3")
     gone = job_status(_job([("Suspended", None)], annotations={CANCELLED: "true"}), [], "k:ns/j")
     assert gone.state is JobState.CANCELLED
     # A failure whose pods were never seen is FAILED with no exit code, never 0.
@@ -143,7 +143,7 @@ def test_job_status_table():
 
 
 def test_exit_code_prefers_a_failure():
-    assert exit_code(_pods(0, 137, 0)) == 137 and exit_code(_pods(0)) == 0 and exit_code([]) is None
+    assert terminated(_pods(0, 137, 0))[0] == 137 and terminated(_pods(0)) == (0, "") and terminated([]) == (None, "")
 
 
 # -- the client path, against fakes of the real API classes --------------------------------------
