@@ -74,3 +74,18 @@ def test_refusals_before_launch(tmp_path, monkeypatch):
     with pytest.raises(JobNotFound, match="capsule jobs list"):
         LocalBackend().status("local:nope")
     assert LocalBackend().list() == []
+
+
+def test_a_plain_script_stage_runs_with_the_stage_interpreter(tmp_path, monkeypatch):
+    """`run: evaluate.py` (no ddp) really runs locally, as it does on docker/slurm/kubernetes."""
+    monkeypatch.setenv("CAPSULE_HOME", str(tmp_path / "home"))
+    text = "name: demo\nstages:\n  evaluate: {run: \"evaluate.py --split test\"}\n"
+    (tmp_path / "capsule.yaml").write_text(text)
+    (tmp_path / "evaluate.py").write_text(
+        "import os, sys\nprint('evaluated', sys.argv[1:], os.environ['CAPSULE_STAGE'], sys.executable)\n")
+    backend = LocalBackend()
+    job_id = backend.submit(job_spec(parse_project(text, tmp_path / "capsule.yaml"), "evaluate"))
+    st = backend.wait(job_id, poll_s=0.1, timeout_s=120)
+    log = list(backend.logs(job_id))
+    assert (st.state, st.exit_code) == (JobState.SUCCEEDED, 0), log
+    assert f"evaluated ['--split', 'test'] evaluate {sys.executable}" in log
