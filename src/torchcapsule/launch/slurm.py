@@ -141,12 +141,12 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
     if c is None:
         # The project's own environment: its bin dir holds python, torchrun and the project's tools.
         lines.append(f'export PATH={shlex.quote(str(Path(python).parent))}:"$PATH"')
-        host_python, launcher, mounts = python, (python, "-m", "torch.distributed.run"), None
+        host_python, launcher, seen_at = python, (python, "-m", "torch.distributed.run"), None
     else:  # the project's interpreter is in the image
-        host_python, launcher, mounts = "python3", ("torchrun",), {k: CONTAINER_MOUNTS[k] for k in spec.volumes}
+        host_python, launcher, seen_at = "python3", ("torchrun",), {k: CONTAINER_MOUNTS[k] for k in spec.volumes}
     inner, env = stage_command(spec, python=python if c is None else "python", launcher=launcher,
                                rdzv_endpoint="$head_node:$port", rdzv_id="$SLURM_JOB_ID",
-                               mounts=mounts, cpu_count=spec.cpus)
+                               mounts=seen_at, cpu_count=spec.cpus)
     for k, v in env.items():
         if not ENV_KEY_RE.fullmatch(k):  # pasted unquoted: only a plain name may get here
             raise BackendError(f"env key {k[:80]!r} is not a variable name; refused")
