@@ -95,3 +95,18 @@ __all__ = [
     "PipelineError",
     "PipelineInterrupted",
 ]
+
+
+# The last line a failed rank prints (train/dist.py) and the launchers report as the job's reason.
+RANK_CAUSE = "torchcapsule: rank {rank} failed: {cause}"
+
+
+def rank_cause(log: str, rank: int) -> str | None:
+    """The cause that rank `rank` printed last in a job log (pure), whatever prefix torchrun
+    (`[rank0]:`) or srun (`1: `) put before the line; None when it printed none."""
+    marker = RANK_CAUSE.format(rank=rank, cause="")
+    at = log.rfind(marker)
+    if at < 0:
+        return None
+    cause = log[at + len(marker):].split("\n", 1)[0].strip()
+    return cause or None

@@ -57,3 +57,16 @@ def test_pipeline_interrupted_is_in_the_tree():
 
     assert runner.PipelineInterrupted is errors.PipelineInterrupted  # what the engine raises
     assert issubclass(errors.PipelineInterrupted, errors.PipelineError)
+
+
+def test_rank_cause_reads_the_failed_ranks_last_line_through_any_prefix():
+    from pathlib import Path
+
+    # recorded: `capsule run train` of examples/digits with a full 48 KiB models volume (2 gloo ranks)
+    log = (Path(__file__).parents[1] / "fixtures" / "logs" / "local-disk-full-2-ranks.log").read_text()
+    assert errors.rank_cause(log, 0).startswith("no space left on device writing /tmp/df/proj/models/")
+    assert errors.rank_cause(log, 1).startswith("RuntimeError: [") and "Connection closed by peer" in errors.rank_cause(log, 1)
+    assert errors.rank_cause(log, 2) is None
+    srun = "0: noise\n1: torchcapsule: rank 3 failed: ValueError: bad batch\n1: more\n"
+    assert errors.rank_cause(srun, 3) == "ValueError: bad batch"
+    assert errors.rank_cause(errors.RANK_CAUSE.format(rank=12, cause="x"), 1) is None  # rank 12 is not rank 1

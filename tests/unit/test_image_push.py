@@ -106,3 +106,26 @@ def test_cluster_exports_refuse_an_unpushed_image_in_one_line(tmp_path, args):
     r = run_capsule("export", *args, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and not r.stdout
     assert "neverpushed:2.13.0-cpu-py3.11-slim has not been pushed" in r.stderr and "capsule image push" in r.stderr
+
+
+def test_pipeline_on_kubernetes_refuses_an_unpushed_image_before_submitting(tmp_path):
+    """`capsule pipeline run --on kubernetes` refuses like `capsule run` does: the first stage
+    fails with the one line that names the push command, and nothing is submitted."""
+    import json
+
+    from tests.conftest import run_capsule
+
+    (tmp_path / "capsule.yaml").write_text(
+        "name: neverpushed\nimage: {flavor: slim}\nstages:\n  test: {run: python -c pass}\n"
+        "  train: {run: python -c pass, needs: [test]}\n")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
+    r = run_capsule("pipeline", "run", "--on", "kubernetes", "--no-doctor", "--json", cwd=tmp_path,
+                    env={"KUBECONFIG": str(kubeconfig)})
+    assert r.returncode == 1, r.stderr
+    rec = json.loads(r.stdout)
+    first, second = rec["stages"][0], rec["stages"][1]
+    assert first["state"] == "failed" and first["job_id"] is None
+    assert first["reason"].startswith("image neverpushed:2.13.0-cpu-py3.11-slim has not been pushed")
+    assert "capsule image push --flavor slim --registry HOST/PREFIX" in first["reason"]
+    assert second["state"] == "pending"

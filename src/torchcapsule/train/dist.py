@@ -80,19 +80,18 @@ def failure_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
 
 
-CAUSE_LINE = "torchcapsule: rank {rank} failed: {cause}"  # the launcher reports it as the job's reason
-
-
 def _install_cause_line(rank: int) -> None:
     """After an uncaught exception's traceback (which stays in the log), print its cause as the last line."""
     previous = sys.excepthook
     if getattr(previous, "_torchcapsule", False):
         return
 
+    from ..errors import RANK_CAUSE
+
     def hook(exc_type, exc, tb):
         previous(exc_type, exc, tb)
         if not issubclass(exc_type, KeyboardInterrupt):
-            print(CAUSE_LINE.format(rank=rank, cause=failure_cause(exc)), file=sys.stderr, flush=True)
+            print(RANK_CAUSE.format(rank=rank, cause=failure_cause(exc)), file=sys.stderr, flush=True)
 
     hook._torchcapsule = True  # type: ignore[attr-defined]
     sys.excepthook = hook
