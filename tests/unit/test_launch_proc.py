@@ -68,6 +68,19 @@ def test_explain_failure(code, log, kw, want):
     assert explain_failure(code, log, **kw) == want
 
 
+def test_explain_failure_names_the_failed_ranks_own_cause():
+    from pathlib import Path
+
+    # recorded: `capsule run train` of examples/digits with a full models volume (2 gloo ranks)
+    log = (Path(__file__).parents[1] / "fixtures" / "logs" / "local-disk-full-2-ranks.log").read_text()
+    assert explain_failure(1, log, tail_lines=0) == (1, "exited with code 1")  # no summary: no rank known
+    # ... and torchrun's summary when it gave up, naming rank 0
+    code, reason = explain_failure(1, log + SUMMARY.replace("rank      : 1 (local_rank: 1)", "rank      : 0 (local_rank: 0)")
+                                   .format(code=1), tail_lines=0)
+    assert code == 1 and reason.startswith("rank 0 failed with exit code 1 on node-2")
+    assert ": no space left on device writing /tmp/df/proj/models/" in reason and "\n" not in reason
+
+
 def test_explain_failure_tail_is_the_last_lines():
     log = "".join(f"line {i}\n" for i in range(50))
     code, reason = explain_failure(2, log, context=("NonZeroExitCode",))

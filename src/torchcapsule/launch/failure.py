@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from ..errors import rank_cause
+
 # Exit code of a rank that saved a checkpoint on SIGTERM (torchcapsule.train.signals): the
 # job was preempted, not broken; a requeued run resumes from the checkpoint. 75 = EX_TEMPFAIL.
 PREEMPTED_EXIT_CODE = 75
@@ -46,7 +48,8 @@ def explain_failure(code: int | None, log: str = "", *, context: Iterable[str | 
     """(exit code, reason) of a failed job.
 
     code: its exit code as the backend saw it (negative: killed by that signal; None: unknown).
-    log: the end of its output; torchrun's summary there gives the failing rank's own code and node.
+    log: the end of its output; torchrun's summary there gives the failing rank's own code and node,
+    and the rank's own last line (errors.RANK_CAUSE) its cause.
     context: what the backend itself says first (a Slurm state, an OOM kill, a Kubernetes condition).
     tail_lines: how many last lines of `log` follow the reason (0: none, e.g. the log is local).
     """
@@ -60,6 +63,8 @@ def explain_failure(code: int | None, log: str = "", *, context: Iterable[str | 
             why = f"rank {rank} was killed by signal {-rcode} (exit code {code}){on}"
         else:
             why = f"rank {rank} failed with exit code {rcode}{on}"
+        cause = rank_cause(log, rank)  # the last line the rank printed itself (train/dist.py)
+        why += f": {cause}" if cause else ""
     elif PREEMPTED_LINE in log:
         code, why = PREEMPTED_EXIT_CODE, f"preempted: the ranks saved a checkpoint and exited {PREEMPTED_EXIT_CODE}; rerun to resume"
     elif code is not None and code < 0:
