@@ -8,19 +8,23 @@ from __future__ import annotations
 import difflib
 import re
 import reprlib
+from datetime import timedelta
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from .errors import ConfigError
+from .errors import CompatError, ConfigError
 
 PROJECT_FILE = "capsule.yaml"
 NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -45,6 +49,21 @@ def _short(value: Any) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 STAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+class FieldError(ValueError):
+    """A validator's error about another field than the one it checks, or about a whole model:
+    `loc` is the path from the top of capsule.yaml (pydantic's own loc would be the model's)."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc, self.message = loc, message
+
+    @classmethod
+    def of(cls, e: ConfigError) -> "FieldError":
+        """compat's and rules' errors begin with the field they name (their one-line CLI form)."""
+        where, _, message = e.message.partition(": ")
+        return cls(tuple(where.split(".")), message)
 
 
 def _one_line(v: Any) -> Any:
@@ -120,6 +139,48 @@ def parse_gpus(value: Any) -> GpuRequest:
     raise ValueError(f"{_short(value)} is not a GPU request; use a count such as 2 or TYPE:N such as H100:4")
 
 
+# -- durations -------------------------------------------------------------------------------
+_UNIT_TIME = re.compile(r"(?:(\d{1,9})d)?(?:(\d{1,9})h)?(?:(\d{1,9})m)?(?:(\d{1,9})s)?")
+_SLURM_TIME = re.compile(r"(?:(\d{1,9})-)?(\d{1,9})(?::(\d{1,9}))?(?::(\d{1,9}))?")
+MAX_DURATION = timedelta(days=365)  # far above any job; stops 10**20 minutes overflowing timedelta
+DURATION_FORMS = "use 90m, 2h, 1h30m, 1d, or Slurm's minutes (90), MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS"
+
+
+def parse_duration(value: Any) -> timedelta:
+    """A wall-clock limit: Slurm's --time forms (a bare number is minutes) or 2h, 90m, 1h30m, 1d."""
+    if isinstance(value, timedelta):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else str(value) if type(value) is int else ""
+    unit, slurm = _UNIT_TIME.fullmatch(text), _SLURM_TIME.fullmatch(text)
+    if unit and any(unit.groups()):
+        d, h, m, s = (int(x or 0) for x in unit.groups())
+    elif slurm:
+        days, *fields = slurm.groups()
+        nums = [int(x) for x in fields if x is not None]
+        if any(x >= 60 for x in nums[1:]) or days and nums[0] >= 24:
+            raise ValueError(f"{_short(value)} is not a duration: minutes and seconds after the first field "
+                             f"run 0-59, hours after 'D-' 0-23; {DURATION_FORMS}")
+        # with a day: D-H[:M[:S]]; without: M, M:S or H:M:S
+        d, (h, m, s) = int(days or 0), (nums + [0, 0])[:3] if days or len(nums) == 3 else [0, *nums, 0][:3]
+    else:
+        raise ValueError(f"{_short(value)} is not a duration; {DURATION_FORMS}")
+    seconds = ((d * 24 + h) * 60 + m) * 60 + s
+    if not 0 < seconds <= MAX_DURATION.total_seconds():
+        raise ValueError(f"{_short(value)} is {'no time' if seconds == 0 else 'over a year'}; "
+                         "use a limit from 1s to 365d, or leave the key out for no limit")
+    return timedelta(seconds=seconds)
+
+
+def duration_text(limit: timedelta) -> str:
+    """Slurm's --time form, also how capsule.yaml's durations are written out: HH:MM:SS or D-HH:MM:SS."""
+    d, s = divmod(int(limit.total_seconds()), 86400)
+    hms = f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{d}-{hms}" if d else hms
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(duration_text, when_used="json")]
+
+
 # -- image ------------------------------------------------------------------------------------
 class User(_Model):
     name: str = Field("mluser", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -162,10 +223,6 @@ class Image(_Model):
     def _compatible(self) -> "Image":
         from .compat import load_matrix
 
-        # CompatError's message already names image.<field>; re-raise as a plain value error
-        # so the loader prefixes the file name like every other field error.
-        from .errors import CompatError
-
         try:
             load_matrix().check(self.torch, self.cuda, self.python)
             for req in self.pip:
@@ -174,7 +231,7 @@ class Image(_Model):
                 if m:
                     load_matrix().check_companion(self.torch, m.group(1), m.group(2), where="image.pip")
         except CompatError as e:
-            raise ValueError(f"@{e.message}") from None
+            raise FieldError.of(e) from None
         return self
 
 
@@ -212,7 +269,7 @@ class Resources(_Model):
     cpus: int | None = Field(None, ge=1)
     memory: str | None = None
     shm_size: str | None = None
-    time: str | None = None  # wall-clock limit, e.g. "02:00:00"
+    time: Duration | None = None  # wall-clock limit (Slurm --time, Kubernetes activeDeadlineSeconds)
 
     @field_validator("gpus", mode="before")
     @classmethod
@@ -286,7 +343,7 @@ class Promotion(_Model):
         try:
             parse_rule(v)
         except ConfigError as e:
-            raise ValueError(f"@{e.message}") from None
+            raise FieldError.of(e) from None
         return v
 
 
@@ -391,7 +448,7 @@ class SlurmTarget(_Model):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str | None = None
+    time: Duration | None = None
     constraint: str | None = None
     container: SlurmContainer | None = None
     extra_directives: tuple[str, ...] = ()
@@ -399,7 +456,7 @@ class SlurmTarget(_Model):
     # container runtime is set; must exist on the compute nodes. Default: the submitting one.
     python: str | None = None
 
-    @field_validator("partition", "account", "qos", "time", "constraint", "python")
+    @field_validator("partition", "account", "qos", "constraint", "python")
     @classmethod
     def _directive(cls, v: str | None) -> str | None:
         return _one_line(v)  # each becomes one `#SBATCH --key=value` line
@@ -458,20 +515,16 @@ class Project(_Model):
                 if need not in self.stages:
                     close = difflib.get_close_matches(need, list(self.stages), n=1)
                     hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    raise ValueError(
-                        f"@stages.{name}.needs: unknown stage '{need}'{hint}; "
-                        f"stages: {', '.join(self.stages)}"
-                    )
+                    raise FieldError(("stages", name, "needs"), f"unknown stage '{need}'{hint}; "
+                                     f"stages: {', '.join(self.stages)}")
         # A cycle in `needs` is caught here too, so `capsule validate` reports it with its line.
         from .pipeline.dag import find_cycle
 
         cycle = find_cycle({n: s.needs for n, s in self.stages.items()})
         if cycle:
             a, b = cycle[-2], cycle[-1]
-            raise ValueError(
-                f"@stages.{b}.needs: cycle {' -> '.join(cycle)}; remove '{a}' from stages.{b}.needs "
-                "(or another need on the cycle)"
-            )
+            raise FieldError(("stages", b, "needs"), f"cycle {' -> '.join(cycle)}; remove '{a}' from "
+                             f"stages.{b}.needs (or another need on the cycle)")
         self._paths_contained()
         return self
 
@@ -483,7 +536,7 @@ class Project(_Model):
         for name in VOLUME_NAMES:
             host = self.volume_path(name)
             if system_path(host):
-                raise ValueError(f"@volumes.{name}: {_short(getattr(self.volumes, name))} is {host}, a system "
+                raise FieldError(("volumes", name), f"{_short(getattr(self.volumes, name))} is {host}, a system "
                                  f"directory that containers would mount read-write; use a project or data "
                                  f"directory, or {optin}")
         root = self.root.resolve()
@@ -492,8 +545,8 @@ class Project(_Model):
                 continue
             wd = (self.root / Path(stage.workdir).expanduser()).resolve()
             if wd != root and root not in wd.parents:
-                raise ValueError(f"@stages.{sname}.workdir: {_short(stage.workdir)} is {wd}, outside the "
-                                 f"project {root}; use a directory inside it, or {optin}")
+                raise FieldError(("stages", sname, "workdir"), f"{_short(stage.workdir)} is {wd}, outside "
+                                 f"the project {root}; use a directory inside it, or {optin}")
 
     def stage(self, name: str) -> Stage:
         if name not in self.stages:
@@ -565,11 +618,24 @@ def expanded_size(root: Any) -> int:
     return size.get(id(root), 0)
 
 
+@cache
+def _loader() -> type:
+    """PyYAML's safe loader, except that YAML 1.1's base-60 numbers stay text: `time: 12:00:00` is
+    twelve hours, not the integer 43200 (minutes, for a duration), as YAML 1.2 reads it too."""
+    import yaml
+
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    base60 = ("tag:yaml.org,2002:str", re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$"))
+    resolvers = {k: [base60, *v] if k in tuple("+-0123456789") else v
+                 for k, v in base.yaml_implicit_resolvers.items()}
+    return type("CapsuleLoader", (base,), {"yaml_implicit_resolvers": resolvers})
+
+
 def parse_project(text: str, file: Path | str = PROJECT_FILE) -> Project:
     import yaml
 
     file = Path(file)
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    loader = _loader()
     try:
         node = yaml.compose(text, Loader=loader)
         if node is not None and expanded_size(node) > MAX_YAML_NODES:
@@ -597,11 +663,11 @@ def parse_project(text: str, file: Path | str = PROJECT_FILE) -> Project:
 def _format_error(err: ValidationError, file: Path, text: str) -> str:
     """The first error as one line: file:line: field.path: problem; allowed values."""
     e = err.errors()[0]
-    loc = [str(p) for p in e["loc"]]
-    msg = e["msg"].removeprefix("Value error, ")
-    if msg.startswith("@"):  # a validator that names its own field path
-        path_txt, _, msg = msg[1:].partition(": ")
-        loc = path_txt.split(".")
+    named = e.get("ctx", {}).get("error")
+    if isinstance(named, FieldError):
+        loc, msg = list(named.loc), named.message
+    else:
+        loc, msg = [str(p) for p in e["loc"]], e["msg"].removeprefix("Value error, ")
     kind = e["type"]
     if kind == "extra_forbidden":
         key = loc[-1]
@@ -655,7 +721,7 @@ def _line_of(text: str, loc: list[str]) -> int | None:
     import yaml
 
     try:
-        node = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        node = yaml.compose(text, Loader=_loader())
     except yaml.YAMLError:
         return None
     line = None
@@ -680,5 +746,6 @@ __all__ = [
     "Project", "Image", "User", "Volumes", "Stage", "Resources", "GpuRequest", "Registry",
     "Promotion", "Serve", "Schedule", "Targets", "DockerTarget", "SlurmTarget", "SlurmContainer",
     "KubernetesTarget", "Toleration", "load_project", "parse_project", "find_project_file",
-    "parse_size", "parse_gpus", "check_cron", "check_timezone", "PROJECT_FILE",
+    "parse_size", "parse_gpus", "parse_duration", "duration_text", "check_cron", "check_timezone",
+    "PROJECT_FILE",
 ]

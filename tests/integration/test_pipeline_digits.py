@@ -7,6 +7,7 @@ resumes at evaluate. What follows evaluate (register, serve) is the main job's b
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,17 @@ def test_failure_in_evaluate_stops_there_and_the_rerun_resumes_at_evaluate(tmp_p
     train_log = Path(train["log"]).read_text()
     assert "world_size=2 backend=gloo" in train_log  # 2-rank DDP
     assert (p / "models" / "digits" / "model.safetensors").is_file()
+    # the summary shows the training's curve next to its final value, and its MLflow run
+    curve = re.search(r"^train: loss ([▁▂▃▄▅▆▇█]+) (\S+)$", r.stdout, re.M)
+    assert curve, r.stdout[-3000:]
+    link = re.search(r"^  MLflow run: `capsule ui`, then http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs/(\w+)$",
+                     r.stdout, re.M)
+    assert link, r.stdout[-3000:]
+    from torchcapsule.registry.tracking import metric_history, read_state
+
+    uri = read_state(p / "logs" / "metrics-train.jsonl")["tracking_uri"]
+    losses = metric_history(uri, link.group(2), "loss")  # the linked run holds that curve
+    assert len(losses) >= len(curve.group(1)) and f"{losses[-1][1]:.4g}" == curve.group(2)
 
     cfg.write_text(original)  # the fix
     r = run_capsule("pipeline", "run", "--no-doctor", cwd=p, env=env, timeout=900)
@@ -57,6 +69,7 @@ def test_failure_in_evaluate_stops_there_and_the_rerun_resumes_at_evaluate(tmp_p
     assert second["resumed_from"] == first["run_id"]
     states = _states(second)
     assert states["test"] == "skipped" and states["train"] == "skipped", r.stdout[-3000:]
+    assert f"train: loss {curve.group(1)} {curve.group(2)}" in r.stdout  # a skipped training: its curve
     assert states["evaluate"] == "succeeded", r.stdout[-3000:]
     ev = next(s for s in second["stages"] if s["name"] == "evaluate")
     assert ev["metric"]["accuracy"] >= 0.9

@@ -159,6 +159,31 @@ def test_store_down_never_fails_training_and_catches_up_when_back(tmp_path, mlfl
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def test_pipeline_sends_what_a_stage_could_not_send_itself(tmp_path, mlflow_installed):
+    """A job that wrote its metrics JSONL but could not reach the store (here: no follower at all,
+    as in a container whose store is outside the mounted volumes): `capsule pipeline run` sends
+    the lines once the job ends, like `capsule run` does, so the summary's run link exists."""
+    from torchcapsule.config import load_project
+    from torchcapsule.registry import tracking
+    from torchcapsule.registry.store import tracking_uri
+
+    (tmp_path / "capsule.yaml").write_text("name: caughtup\nstages:\n  train: {run: python writes.py}\n")
+    (tmp_path / "writes.py").write_text(textwrap.dedent("""
+        import json, pathlib
+        logs = pathlib.Path("logs"); logs.mkdir(exist_ok=True)
+        lines = [{"event": "started", "step": 0}] + [{"step": i, "loss": 1.0 / i} for i in range(1, 6)]
+        (logs / "metrics-train.jsonl").write_text("".join(json.dumps(x) + "\\n" for x in lines))
+        """))
+    r = run_capsule("pipeline", "run", "--no-doctor", cwd=tmp_path, env={**_env(), "CAPSULE_HOME": str(tmp_path / "h")})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    jsonl = tmp_path / "logs" / "metrics-train.jsonl"
+    assert tracking.pending_bytes(jsonl) == 0
+    uri = tracking_uri(load_project(tmp_path / "capsule.yaml"))
+    steps = [s for s, _ in tracking.metric_history(uri, tracking.run_id_of(jsonl), "loss")]
+    assert steps == [1, 2, 3, 4, 5]
+    assert "MLflow run:" in r.stdout  # the summary links the run it now has
+
+
 def test_tracking_off_starts_no_follower(tmp_path, mlflow_installed):
     jsonl = tmp_path / "logs" / "metrics-train.jsonl"
     _train(tmp_path, jsonl, f"sqlite:///{tmp_path}/db.sqlite", 1, 3, "started", CAPSULE_TRACKING="off")

@@ -67,6 +67,21 @@ def test_broken_file_gives_one_line_error(case):
         assert n in msg, f"{n!r} not in {msg!r}"
 
 
+@pytest.mark.parametrize("text,start", [
+    # checks that run on a whole model but name one field (config.FieldError carries its path)
+    ("name: x\nstages:\n  a: {run: x}\n  b:\n    run: y\n    needs: [a, c]\n",
+     "f.yaml:6: stages.b.needs: unknown stage 'c'; stages: a, b"),
+    ("name: x\nstages:\n  t:\n    run: a\n    workdir: /etc\n", "f.yaml:5: stages.t.workdir: '/etc' is /etc, outside"),
+    ("name: x\nimage:\n  torch: '2.9.1'\n  cuda: '11.8'\n", "f.yaml:4: image.cuda: torch 2.9.1 has no CUDA 11.8"),
+    ("name: x\nregistry:\n  promote:\n    rule: 'accuracy >>> 1'\n",
+     "f.yaml:4: registry.promote.rule: 'accuracy >>> 1' is not a valid rule"),
+])
+def test_model_checks_name_the_field_and_its_line(text, start):
+    with pytest.raises(ConfigError) as info:
+        parse_project(text, "f.yaml")
+    assert str(info.value).startswith(start), str(info.value)
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     f = tmp_path / "capsule.yaml"
     f.write_text("name: x\nimage: {torch: '2.9.1', cuda: '11.8'}\n")

@@ -5,6 +5,7 @@ import re
 import subprocess
 from pathlib import Path
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 
@@ -67,7 +68,8 @@ def test_train_script_one_torchrun_per_node_with_rendezvous(project):
 
 
 def test_script_is_valid_bash(project, tmp_path):
-    for spec in (job_spec(project, "train"), replace(job_spec(project, "train", nodes=2), time_limit="01:00:00")):
+    timed = replace(job_spec(project, "train", nodes=2), time_limit=timedelta(hours=1))
+    for spec in (job_spec(project, "train"), timed):
         f = tmp_path / "job.sbatch"
         f.write_text(render_script(spec, project.targets.slurm, python="/usr/bin/python3"))
         r = subprocess.run(["bash", "-n", str(f)], capture_output=True, text=True)
@@ -202,7 +204,7 @@ def test_time_limit_trap_requeues_and_keeps_sruns_exit_code(project, tmp_path):
     (bin_dir / "srun").write_text(f"#!/bin/sh\ntouch {started}\nsleep 2\nexit 7\n")
     for f in ("scontrol", "srun"):
         (bin_dir / f).chmod(0o755)
-    spec = replace(job_spec(project, "train"), time_limit="00:10:00")
+    spec = replace(job_spec(project, "train"), time_limit=timedelta(minutes=10))
     script = tmp_path / "job.sbatch"
     script.write_text(render_script(spec, project.targets.slurm, python=str(bin_dir / "python")))
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",

@@ -31,7 +31,8 @@ def run(file: str | None, on: str, from_stage: str | None, only: tuple[str, ...]
     """
     import signal
 
-    from ..pipeline.runner import RunOptions, Runner, summary
+    from ..pipeline.runner import PipelineRunner, RunOptions
+    from ..pipeline.view import Progress, summary
 
     project = load(file)
     out = console()
@@ -47,13 +48,13 @@ def run(file: str | None, on: str, from_stage: str | None, only: tuple[str, ...]
     # no KeyboardInterrupt handler of its own.
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
-    runner = Runner(project, RunOptions(on=on, from_stage=from_stage, only=only, force=force,
-                                        doctor=not no_doctor), console=out, stream_logs=not quiet)
+    runner = PipelineRunner(project, RunOptions(on=on, from_stage=from_stage, only=only, force=force,
+                                                doctor=not no_doctor), events=Progress(out, stream_logs=not quiet))
     rec = runner.run()
     if as_json:
         print_json(rec.to_dict())
     else:
-        summary(out, rec)
+        summary(out, rec, runner.logs)
     return 0 if rec.state == "succeeded" else 1
 
 
@@ -65,10 +66,11 @@ def run(file: str | None, on: str, from_stage: str | None, only: tuple[str, ...]
 def status(run_id: str | None, file: str | None, show_all: bool, as_json: bool) -> None:
     """Show a run record (default: the latest run)."""
     from ..pipeline.record import RunStore
-    from ..pipeline.runner import summary
+    from ..pipeline.view import summary
 
     project = load(file)
-    store = RunStore(project.volume_path("logs"))
+    logs = project.volume_path("logs")
+    store = RunStore(logs)
     if show_all:
         recs = store.all()
         if as_json:
@@ -88,4 +90,4 @@ def status(run_id: str | None, file: str | None, show_all: bool, as_json: bool) 
     if as_json:
         print_json(rec.to_dict())
         return
-    summary(console(), rec)
+    summary(console(), rec, logs)

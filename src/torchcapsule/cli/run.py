@@ -52,19 +52,15 @@ def run(stage: str, file: str | None, backend_name: str, gpus: str | None, nodes
         return 0
     click.echo(f"job {job_id}", err=True)
     code = _follow(backend, job_id, what=f"stage '{stage}'")
-    _catch_up_tracking(project, spec)
+    _catch_up_tracking(spec)
     return code
 
 
-def _catch_up_tracking(project, spec) -> None:
+def _catch_up_tracking(spec) -> None:
     """Metrics the job could not send to MLflow itself are sent from here (see registry/tracking)."""
-    from ..registry import tracking
+    from ..registry.tracking import catch_up_job
 
-    uri = spec.tracking.get("CAPSULE_TRACKING_URI")
-    if not uri:
-        return
-    for note in tracking.catch_up(spec.log_dir, uri, stages=[spec.stage],
-                                  artifact_location=spec.tracking.get("CAPSULE_TRACKING_ARTIFACTS") or None):
+    for note in catch_up_job(spec):
         click.echo(f"note: {note}", err=True)
 
 

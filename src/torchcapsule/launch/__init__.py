@@ -22,13 +22,7 @@ def get_backend(name: str, **options) -> Backend:
     if target is None:
         raise BackendError(f"--on: unknown backend '{name}'; choose one of: {', '.join(BACKENDS)}")
     module, _, cls = target.partition(":")
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            raise BackendError(f"--on {name}: this backend is not built yet in this version of torchcapsule") from None
-        raise
-    return getattr(mod, cls)(**options)
+    return getattr(importlib.import_module(module), cls)(**options)
 
 
 def backend_of(job_id: str) -> tuple[str, str]:

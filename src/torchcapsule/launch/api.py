@@ -12,7 +12,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -83,7 +83,7 @@ class JobSpec:
     cpus: int | None = None
     memory_bytes: int | None = None
     shm_bytes: int | None = None
-    time_limit: str | None = None
+    time_limit: timedelta | None = None
     distributed: str = "none"  # "none" | "ddp"
     retries: int = 0
     labels: dict[str, str] = field(default_factory=dict)

@@ -209,7 +209,7 @@ def manifests(spec: JobSpec, target: KubernetesTarget, name: str, user: PodUser 
         "template": {"metadata": {"labels": labels}, "spec": pod},
     }
     if spec.time_limit:
-        job_spec["activeDeadlineSeconds"] = _seconds(spec.time_limit)
+        job_spec["activeDeadlineSeconds"] = int(spec.time_limit.total_seconds())
     docs: list[dict[str, Any]] = []
     if multi:
         # Indexed pods get stable hostnames <job>-<index>.<service>; rank 0 hosts the rendezvous.
@@ -233,22 +233,11 @@ def _pytorchjob(spec: JobSpec, target: KubernetesTarget, name: str, meta: dict, 
     replicas = {"Master": replica}
     if spec.nodes > 1:
         replicas["Worker"] = {**replica, "replicas": spec.nodes - 1}
+    policy: dict[str, Any] = {"backoffLimit": spec.retries, "cleanPodPolicy": "None"}
+    if spec.time_limit:  # the operator fails the job after this long, as a Job's own deadline does
+        policy["activeDeadlineSeconds"] = int(spec.time_limit.total_seconds())
     return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": meta,
-            "spec": {"nprocPerNode": str(nproc(spec)),
-                     "runPolicy": {"backoffLimit": spec.retries, "cleanPodPolicy": "None"},
-                     "pytorchReplicaSpecs": replicas}}
-
-
-def _seconds(limit: str) -> int:
-    """Slurm-style time 'D-HH:MM:SS', 'HH:MM:SS', 'MM:SS' or 'MM' -> seconds."""
-    days, _, rest = limit.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if len(parts) == 1:
-        parts = [0, parts[0], 0]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    h, m, s = parts
-    return (int(days) if days else 0) * 86400 + h * 3600 + m * 60 + s
+            "spec": {"nprocPerNode": str(nproc(spec)), "runPolicy": policy, "pytorchReplicaSpecs": replicas}}
 
 
 def dump_yaml(docs: list[dict[str, Any]]) -> str:

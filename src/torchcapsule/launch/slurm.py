@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from ..config import ENV_KEY_RE, GpuRequest, Project, SlurmTarget
+from ..config import ENV_KEY_RE, GpuRequest, Project, SlurmTarget, duration_text
 from ..errors import BackendError, JobNotFound
 from . import _proc
 from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus, timestamp
@@ -126,7 +126,7 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
         d.append(f"--mem={_mem_directive(spec.memory_bytes)}")
     time_limit = spec.time_limit or target.time
     if time_limit:
-        d += [f"--time={time_limit}", f"--signal=B:USR1@{SIGNAL_LEAD_S}"]
+        d += [f"--time={duration_text(time_limit)}", f"--signal=B:USR1@{SIGNAL_LEAD_S}"]
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(target, key):
             d.append(f"--{key}={getattr(target, key)}")

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .scrape import written_since
+
 BARS = "▁▂▃▄▅▆▇█"
 # The metric a curve shows, in order of preference (the first a training logged).
 CURVE_METRICS = ("loss", "train_loss", "val_loss", "accuracy", "test_accuracy", "val_accuracy")
@@ -33,6 +35,7 @@ class Curve:
     values: tuple[float, ...]
     run_id: str | None = None
     url: str | None = None
+    served: bool = False  # the store is a tracking server (its own UI); else `capsule ui` serves it
 
     @property
     def final(self) -> float:
@@ -40,6 +43,12 @@ class Curve:
 
     def text(self, width: int = 24) -> str:
         return f"{self.metric} {sparkline(list(self.values), width)} {self.final:.4g}"
+
+    def link(self) -> str | None:
+        """Where to see the run: its URL, behind `capsule ui` for the embedded store."""
+        if self.url is None:
+            return None
+        return self.url if self.served else f"`capsule ui`, then {self.url}"
 
 
 def curve_of(records: list[dict], metric: str | None = None) -> tuple[str, list[float]] | None:
@@ -54,11 +63,15 @@ def curve_of(records: list[dict], metric: str | None = None) -> tuple[str, list[
     return None
 
 
-def training_curve(logs: Path, stage: str, *, ui_url: str | None = None) -> Curve | None:
-    """The curve of logs/metrics-STAGE.jsonl and its MLflow run URL (once a sync made the run)."""
+def training_curve(logs: Path, stage: str, *, since: float | None = None, until: float | None = None,
+                   ui_url: str | None = None) -> Curve | None:
+    """The curve of logs/metrics-STAGE.jsonl and its MLflow run URL (once a sync made the run).
+    since/until: the attempt's times; a file last written outside them is another training's."""
     from ..registry.tracking import read_state, run_url
 
     path = Path(logs) / f"metrics-{stage}.jsonl"
+    if not written_since(path, since) or (until is not None and written_since(path, until + 1)):
+        return None
     try:
         records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     except (OSError, ValueError):
@@ -67,6 +80,6 @@ def training_curve(logs: Path, stage: str, *, ui_url: str | None = None) -> Curv
     if found is None:
         return None
     st = read_state(path)
-    run_id = st.get("run_id")
-    url = run_url(st.get("tracking_uri") or "", run_id, st.get("experiment_id"), ui=ui_url) if run_id else None
-    return Curve(found[0], tuple(found[1]), run_id, url)
+    run_id, uri = st.get("run_id"), st.get("tracking_uri") or ""
+    url = run_url(uri, run_id, st.get("experiment_id"), ui=ui_url) if run_id else None
+    return Curve(found[0], tuple(found[1]), run_id, url, served=uri.startswith(("http://", "https://")))

@@ -1,17 +1,15 @@
-"""Runs the pipeline: pre-flight doctor, then each selected stage in DAG order through a launch
-backend, with a run record rewritten at every step, cache skips, log streaming, live progress,
-and Ctrl-C/SIGTERM handling that cancels the running job and records the run as interrupted.
+"""The pipeline engine: pre-flight doctor, then each selected stage in DAG order through a launch
+backend, with a run record rewritten at every step, cache skips, log capture, and Ctrl-C/SIGTERM
+handling that cancels the running job and records the run as interrupted.
 
 The decisions (order, selection, skip or run) come from the pure modules dag and cache; this
-module only carries them out.
+module only carries them out, and reports what happens through `Events` (view.py draws them).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-import importlib.util
-import json
-import re
 import socket
 import subprocess
 import sys
@@ -24,18 +22,9 @@ from typing import Any
 from ..config import Project
 from ..errors import CapsuleError, ImageError, PipelineError, PipelineInterrupted
 from . import cache, dag
+from .record import ATTEMPTED, RunRecord, RunStore, StageRecord, new_run_id
+from .scrape import key_metric, model_version_from
 
-
-def escape(text: str) -> str:
-    """Show text as written: a log line's "[capsule]" is not rich markup."""
-    from rich.markup import escape as _escape
-
-    return _escape(text)
-from .record import RunRecord, RunStore, StageRecord, new_run_id
-
-# Metric names shown in the progress view, best first; otherwise the first number found.
-_METRIC_PREFERENCE = ("accuracy", "val_accuracy", "acc", "f1", "auc", "val_loss", "loss")
-_MODEL_URI = re.compile(r"models:/([A-Za-z0-9_.-]+)/(\d+)")
 _LOCAL_MACHINE_BACKENDS = ("local", "docker")  # stages use this machine's GPUs
 
 
@@ -50,150 +39,29 @@ class RunOptions:
     poll_s: float = 0.5
 
 
-# -- small effects ---------------------------------------------------------------------------
-def _fresh(p: Path, since: float | None) -> bool:
-    """Written by this attempt (a file left by an earlier run says nothing about this one)."""
-    try:
-        return since is None or p.stat().st_mtime >= since - 0.1  # file times are a few ms coarse
-    except OSError:
-        return False
+class Events:
+    """What the engine reports while it runs (from its thread and the log followers'); these
+    defaults say nothing. view.Progress draws them."""
 
+    def watch(self, rec: RunRecord) -> contextlib.AbstractContextManager:
+        """Held while the stages run."""
+        return contextlib.nullcontext()
 
-def key_metric(logs: Path, stage: str, since: float | None = None) -> dict[str, float] | None:
-    """{name: value} from logs/metrics-<stage>.json, or the last line of a metrics .jsonl."""
-    data: Any = None
-    candidates = [logs / f"metrics-{stage}.json"]
-    for p in candidates:
-        if not _fresh(p, since):
-            continue
-        try:
-            data = json.loads(p.read_text())
-            break
-        except (OSError, ValueError):
-            continue
-    if data is None:
-        for p in (logs / f"metrics-{stage}.jsonl", logs / stage / "metrics.jsonl", logs / f"{stage}.jsonl"):
-            if not _fresh(p, since):
-                continue
-            try:
-                lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-                data = json.loads(lines[-1]) if lines else None
-            except (OSError, ValueError):
-                continue
-            if data is not None:
-                break
-    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
-        data = data["metrics"]
-    if not isinstance(data, dict):
-        return None
-    nums = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for k in _METRIC_PREFERENCE:
-        if k in nums:
-            return {k: float(nums[k])}
-    for k, v in nums.items():
-        if k not in ("step", "epoch", "rank", "time", "timestamp"):
-            return {k: float(v)}
-    return None
+    def note(self, text: str) -> None:
+        """A line for the user (resuming a run, metrics not sent to MLflow yet)."""
 
-
-def model_version_from(lines: list[str], outputs_file: Path) -> str | None:
-    """models:/NAME/VERSION a stage reported: in its outputs file, else the last one its log printed."""
-    try:
-        v = json.loads(outputs_file.read_text()).get("model_version")
-        if v:
-            return str(v)
-    except (OSError, ValueError, AttributeError):
-        pass
-    found = None
-    for line in lines:
-        for m in _MODEL_URI.finditer(line):
-            found = f"models:/{m.group(1)}/{m.group(2)}"
-    return found
-
-
-def _fmt_s(s: float | None) -> str:
-    if s is None:
-        return ""
-    return f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-def _fmt_metric(m: dict[str, float] | None) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in m.items()) if m else ""
-
-
-# -- progress view ---------------------------------------------------------------------------
-_STYLE = {"succeeded": "green", "skipped": "cyan", "failed": "red", "interrupted": "yellow",
-          "running": "bold blue", "pending": "dim"}
-
-
-class Progress:
-    """A live table on a terminal; one line per event (and the stage logs) elsewhere (CI, pipes)."""
-
-    def __init__(self, console, record: RunRecord, *, stream_logs: bool) -> None:
-        self.console = console
-        self.record = record
-        self.live = None
-        self.tail: dict[str, str] = {}
-        self.stream_logs = stream_logs
-        self._lock = threading.Lock()
-
-    def table(self):
-        from rich.table import Table
-
-        t = Table(title=f"pipeline {self.record.run_id} on {self.record.backend}", title_justify="left")
-        for col in ("stage", "state", "duration", "metric", "detail"):
-            t.add_column(col, overflow="fold")
-        now = time.time()
-        for s in self.record.stages:
-            dur = s.duration_s if s.duration_s is not None else (now - s.started_at if s.started_at else None)
-            detail = self.tail.get(s.name, "") if s.state == "running" else (s.reason or "")
-            t.add_row(s.name, f"[{_STYLE.get(s.state, '')}]{s.state}[/]", _fmt_s(dur),
-                      _fmt_metric(s.metric), escape(detail[-80:]))
-        return t
-
-    def __enter__(self):
-        if self.console.is_terminal:
-            from rich.live import Live
-
-            self.live = Live(get_renderable=self.table, console=self.console, refresh_per_second=4,
-                             transient=True)  # the summary table replaces it at the end
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.live is not None:
-            self.live.__exit__(*exc)
-            self.live = None
-
-    def event(self, stage: StageRecord) -> None:
-        if self.live is not None:
-            return  # the table shows it
-        with self._lock:
-            bits = [f"{stage.name}: {stage.state}"]
-            if stage.duration_s is not None:
-                bits.append(f"in {_fmt_s(stage.duration_s)}")
-            if stage.metric:
-                bits.append(_fmt_metric(stage.metric))
-            if stage.reason:
-                bits.append(f"({stage.reason})")
-            self.console.print(f"[{_STYLE.get(stage.state, '')}]" + escape(" ".join(bits)) + "[/]")
+    def stage(self, st: StageRecord) -> None:
+        """A stage changed state."""
 
     def log(self, stage: str, line: str) -> None:
-        self.tail[stage] = line
-        if self.live is None and self.stream_logs:
-            with self._lock:
-                self.console.print(f"[dim]{stage} |[/] {escape(line)}", markup=True, highlight=False)
+        """A stage printed a line."""
 
 
-# -- the runner ------------------------------------------------------------------------------
-class Runner:
-    def __init__(self, project: Project, options: RunOptions, *, console=None, stream_logs: bool = True) -> None:
-        from rich.console import Console
-
+class PipelineRunner:
+    def __init__(self, project: Project, options: RunOptions, *, events: Events | None = None) -> None:
         self.project = project
         self.opts = options
-        self.console = console or Console(highlight=False, soft_wrap=True)
-        self.stream_logs = stream_logs
+        self.events = events or Events()
         self.logs = project.volume_path("logs")
         self.store = RunStore(self.logs)
         self.graph = dag.graph_of(project)
@@ -218,8 +86,6 @@ class Runner:
     def preflight(self, stages: list[str]) -> dict[str, Any]:
         if not self.opts.doctor:
             return {"skipped": "--no-doctor"}
-        if importlib.util.find_spec("torchcapsule.cli.doctor") is None:
-            return {"skipped": "capsule doctor is not part of this installation"}
         argv = ["capsule", "doctor"]
         if self.opts.on in _LOCAL_MACHINE_BACKENDS and any(
                 self.project.stages[s].resources.gpus.count for s in stages):
@@ -254,8 +120,8 @@ class Runner:
         )
         if prev is not None and prev.state in ("failed", "interrupted"):
             rec.resumed_from = prev.run_id
-            self.console.print(f"resuming run {prev.run_id} ({prev.state} at stage {prev.failed_stage}); "
-                               "stages that succeeded with unchanged inputs are skipped")
+            self.events.note(f"resuming run {prev.run_id} ({prev.state} at stage {prev.failed_stage}); "
+                             "stages that succeeded with unchanged inputs are skipped")
         self.store.save(rec)
         run_dir = self.store.dir / rec.run_id
         try:
@@ -265,9 +131,9 @@ class Runner:
                 raise PipelineError(f"pre-flight `capsule doctor` failed (exit {rec.preflight['exit_code']}): "
                                     f"{last.strip()}; fix that, or pass --no-doctor to skip the check")
             backend = get_backend(o.on, project=self.project, **o.backend_options)
-            with Progress(self.console, rec, stream_logs=self.stream_logs) as progress:
+            with self.events.watch(rec):
                 for name in selected:
-                    if not self._stage(rec, name, backend, progress, run_dir, history):
+                    if not self._stage(rec, name, backend, run_dir, history):
                         break
         except KeyboardInterrupt:
             rec.state = "interrupted"
@@ -294,8 +160,7 @@ class Runner:
             self.store.save(rec)
         return rec
 
-    def _stage(self, rec: RunRecord, name: str, backend, progress: Progress, run_dir: Path,
-               history: list[RunRecord]) -> bool:
+    def _stage(self, rec: RunRecord, name: str, backend, run_dir: Path, history: list[RunRecord]) -> bool:
         """Decide and carry out one stage; False stops the run."""
         from ..launch.spec import job_spec, pulled_image
 
@@ -312,9 +177,12 @@ class Runner:
             st.metric = self._cached_metric(name, decision.cached_from, history)
             self._fps[name] = fp
             self.store.save(rec)
-            progress.event(st)
+            self.events.stage(st)
             return True
 
+        adopted = self._leftover_job(name, fp, history, backend)
+        if adopted is not None:  # its job id, log and outputs file are the interrupted run's
+            run_dir = self.store.dir / adopted[1]
         image, refusal = pulled_image(self.project, backend)  # a cluster pulls it by its digest
         spec = job_spec(self.project, name, image=image)
         outputs_file = run_dir / f"{name}.outputs.json"
@@ -327,20 +195,23 @@ class Runner:
         st.log = str(log_path)
         st.state, st.started_at = "running", time.time()
         self.store.save(rec)
-        progress.event(st)
+        self.events.stage(st)
         try:
-            if refusal:
+            if adopted is not None:
+                st.job_id = adopted[0]
+            elif refusal:
                 raise ImageError(refusal)
-            st.job_id = backend.submit(spec)
+            else:
+                st.job_id = backend.submit(spec)
         except CapsuleError as e:
             st.state, st.reason, st.exit_code = "failed", str(e), None
             self._finish(st)
             self.store.save(rec)
-            progress.event(st)
+            self.events.stage(st)
             return False
         self.store.save(rec)
         lines: collections.deque[str] = collections.deque(maxlen=2000)
-        follower = threading.Thread(target=self._follow, args=(backend, st.job_id, name, log_path, lines, progress),
+        follower = threading.Thread(target=self._follow, args=(backend, st.job_id, name, log_path, lines),
                                     daemon=True)
         follower.start()
         try:
@@ -350,6 +221,10 @@ class Runner:
             self._finish(st)
             raise
         follower.join(timeout=10)
+        from ..registry.tracking import catch_up_job
+
+        for note in catch_up_job(spec):  # metrics the job could not send to MLflow itself
+            self.events.note(note)
         st.exit_code = status.exit_code
         self._finish(st)
         st.metric = key_metric(self.logs, name, since=st.started_at)
@@ -371,10 +246,36 @@ class Runner:
             why = own[-1][-200:] if own else (status.reason or status.state.value.lower())
             st.reason = f"exit {status.exit_code}: {why}" if status.exit_code is not None else why
         self.store.save(rec)
-        progress.event(st)
+        self.events.stage(st)
         return st.state == "succeeded"
 
-    def _follow(self, backend, job_id: str, name: str, log_path: Path, lines, progress: Progress) -> None:
+    def _leftover_job(self, name: str, fp: str, history: list[RunRecord], backend) -> tuple[str, str] | None:
+        """A run killed outright (kill -9, a lost node) leaves its stage's job running. Never start a
+        second one beside it: adopt it when it runs what this run would ((job id, its run id)), else
+        (inputs changed, --force) cancel it and wait until it has ended, then submit anew."""
+        from ..launch import backend_of, get_backend
+
+        run_id, last = next(((r.run_id, s) for r in history for s in r.stages
+                             if s.name == name and s.state in ATTEMPTED), (None, None))
+        if last is None or last.state != "interrupted" or not last.job_id:
+            return None
+        try:
+            owner = backend if backend_of(last.job_id)[0] == self.opts.on else \
+                get_backend(backend_of(last.job_id)[0], project=self.project)
+            if owner.status(last.job_id).state.terminal:
+                return None
+            if last.fingerprint == fp and not self.opts.force:
+                self.events.note(f"{name}: adopting job {last.job_id} of interrupted run {run_id}: still running")
+                return last.job_id, run_id
+            self.events.note(f"{name}: cancelling job {last.job_id} of interrupted run {run_id} "
+                             f"({'--force' if self.opts.force else 'its inputs changed'})")
+            owner.cancel(last.job_id)
+            owner.wait(last.job_id, poll_s=0.2, timeout_s=120)
+        except CapsuleError as e:  # gone or unreachable: nothing left to adopt
+            self.events.note(f"{name}: job {last.job_id} of interrupted run {run_id}: {e}")
+        return None
+
+    def _follow(self, backend, job_id: str, name: str, log_path: Path, lines) -> None:
         try:
             with log_path.open("a") as fh:
                 for line in backend.logs(job_id, follow=True):
@@ -382,7 +283,7 @@ class Runner:
                     fh.write(line + "\n")
                     fh.flush()
                     lines.append(line)
-                    progress.log(name, line)
+                    self.events.log(name, line)
         except Exception as e:  # logs are best effort; the job's state decides the outcome
             lines.append(f"(log stream ended: {e})")
 
@@ -411,27 +312,4 @@ class Runner:
         return None
 
 
-def summary(console, rec: RunRecord) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"run {rec.run_id}: {rec.state} in {_fmt_s(rec.duration_s)}", title_justify="left")
-    for col in ("stage", "state", "duration", "metric", "exit", "reason"):
-        t.add_column(col, overflow="fold")
-    for s in rec.stages:
-        t.add_row(s.name, f"[{_STYLE.get(s.state, '')}]{s.state}[/]", _fmt_s(s.duration_s),
-                  _fmt_metric(s.metric), "" if s.exit_code is None else str(s.exit_code), escape(s.reason or ""))
-    console.print(t)
-    bits = [f"image {rec.image}"]
-    if rec.model_version:
-        bits.append(f"model {rec.model_version}")
-    bits.append(f"record {rec.run_id}")
-    console.print("  ".join(bits))
-    failed = rec.failed_stage
-    if failed:
-        st = rec.stage(failed)
-        if st.log:
-            console.print(f"log of {failed}: {st.log}")
-        console.print(f"next: fix {failed}, then `capsule pipeline run` resumes from it")
-
-
-__all__ = ["Runner", "RunOptions", "PipelineInterrupted", "summary", "key_metric", "model_version_from"]
+__all__ = ["PipelineRunner", "RunOptions", "Events", "PipelineInterrupted"]

@@ -188,6 +188,16 @@ def catch_up(logs_dir: str | Path, uri: str, *, artifact_location: str | None = 
     return notes
 
 
+def catch_up_job(spec) -> list[str]:
+    """catch_up for the stage of a finished job (a launch JobSpec), with the store it was given:
+    what `capsule run` and `capsule pipeline run` both do once a job ends."""
+    uri = spec.tracking.get("CAPSULE_TRACKING_URI")
+    if not uri:
+        return []
+    return catch_up(spec.log_dir, uri, stages=[spec.stage],
+                    artifact_location=spec.tracking.get("CAPSULE_TRACKING_ARTIFACTS") or None)
+
+
 # -- effects: MLflow -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SyncResult:

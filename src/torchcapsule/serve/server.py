@@ -70,7 +70,7 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
         access_log=False, log_level=opts.log_level,
         timeout_graceful_shutdown=opts.settings.timeout_s + 5, timeout_keep_alive=30,
     )
-    server = _DrainingServer(config, app)
+    server = draining_server(config, app)
 
     def fatal(why: str) -> None:
         server.should_exit = True
@@ -92,7 +92,7 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
 DRAIN_GRACE_S = 0.5
 
 
-def _DrainingServer(config, app):
+def draining_server(config, app):
     import asyncio
 
     import uvicorn
