@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 from pathlib import Path
 
@@ -20,3 +21,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def mkdir_owned(path: Path, uid: int, gid: int, mode: int | None = None) -> None:
+    """Create a missing directory (and parents) owned by uid:gid when we may chown (as root), so a
+    container running as that user can write there; an existing one keeps its owner."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir()
+        if mode is not None:
+            d.chmod(mode)
+        if os.geteuid() == 0:
+            os.chown(d, uid, gid)

@@ -313,7 +313,7 @@ def test_dev_refuses_root_ids_in_one_line(tmp_path, flag):
 def test_dev_creates_missing_volumes_owned_by_the_requested_ids(tmp_path):
     import os as _os
 
-    from torchcapsule.cli.image import _mkdir_owned
+    from torchcapsule._util import mkdir_owned as _mkdir_owned
 
     if _os.geteuid() != 0:
         pytest.skip("needs root to chown")

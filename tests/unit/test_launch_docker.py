@@ -8,7 +8,7 @@ from torchcapsule.config import DockerTarget, GpuRequest, load_project, parse_gp
 from torchcapsule.errors import BackendError
 from torchcapsule.launch import get_backend
 from torchcapsule.launch.api import JobState
-from torchcapsule.launch.docker import DOCKER_STATES, DockerBackend, gpu_problem, render_argv, state_of
+from torchcapsule.launch.docker import DOCKER_STATES, DockerBackend, gpu_problem, job_status, render_argv
 from torchcapsule.launch.spec import job_spec
 
 
@@ -95,11 +95,16 @@ def test_state_table_covers_dockers_states():
     ({"Status": "exited", "ExitCode": 0, "OOMKilled": True}, False, (JobState.FAILED, None)),
     ({"Status": "dead", "ExitCode": 0}, False, (JobState.FAILED, None)),
 ])
-def test_state_of(st, cancelled, expect):
-    state, code, reason = state_of(st, cancelled)
-    assert (state, code) == expect
+def test_job_status(st, cancelled, expect):
+    info = {"Name": "/digits-train-x", "State": {**st, "StartedAt": "2026-11-27T10:00:00.123456789Z"},
+            "Config": {"Labels": {"torchcapsule.job": "digits-train"}}}
+    got = job_status(info, "docker:digits-train-x", cancelled=cancelled, log="boom")
+    assert (got.state, got.exit_code, got.name) == (*expect, "digits-train")
+    assert got.started_at == 1795773600.123456
     if st.get("OOMKilled"):
-        assert "out of memory" in reason
+        assert "out of memory" in got.reason
+    if got.state is JobState.FAILED:
+        assert got.reason.endswith("\nboom")  # the end of its log
 
 
 def test_missing_docker_binary_is_one_line_with_fix(project):

@@ -6,17 +6,18 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import replace
+from datetime import datetime, timezone
 
 import pytest
 import urllib3
 
-from tests.conftest import EXAMPLE
+from tests.conftest import EXAMPLE, REPO
 from torchcapsule.config import KubernetesTarget, load_project
 from torchcapsule.errors import BackendError, JobNotFound
 from torchcapsule.launch.api import JobState
 from torchcapsule.launch.kubernetes import (
-    CANCELLED, GPU_PRODUCTS, JOB_LABEL, Apis, KubernetesBackend, exit_code, gpu_placement, job_status,
-    manifests,
+    CANCELLED, GPU_PRODUCTS, JOB_LABEL, Apis, KubernetesBackend, gpu_placement, job_status, manifests,
+    terminated,
 )
 from torchcapsule.launch.spec import job_spec
 
@@ -135,7 +136,7 @@ def test_job_status_table():
     ok = job_status(_job([("Complete", None)]), _pods(0), "k:ns/j")
     assert (ok.state, ok.exit_code) == (JobState.SUCCEEDED, 0)
     bad = job_status(_job([("Failed", "BackoffLimitExceeded")]), _pods(0, 3), "k:ns/j")
-    assert (bad.state, bad.exit_code, bad.reason) == (JobState.FAILED, 3, "BackoffLimitExceeded")
+    assert (bad.state, bad.exit_code, bad.reason) == (JobState.FAILED, 3, "BackoffLimitExceeded; exited with code 3")
     gone = job_status(_job([("Suspended", None)], annotations={CANCELLED: "true"}), [], "k:ns/j")
     assert gone.state is JobState.CANCELLED
     # A failure whose pods were never seen is FAILED with no exit code, never 0.
@@ -143,7 +144,7 @@ def test_job_status_table():
 
 
 def test_exit_code_prefers_a_failure():
-    assert exit_code(_pods(0, 137, 0)) == 137 and exit_code(_pods(0)) == 0 and exit_code([]) is None
+    assert terminated(_pods(0, 137, 0))[0] == 137 and terminated(_pods(0)) == (0, "") and terminated([]) == (None, "")
 
 
 # -- the client path, against fakes of the real API classes --------------------------------------
@@ -312,3 +313,42 @@ def test_broken_kubeconfig_is_one_line(project, monkeypatch, tmp_path):
     with pytest.raises(BackendError, match=r"^kubeconfig: .*targets.kubernetes.context") as e:
         KubernetesBackend(project).submit(job_spec(project, "train"))
     assert "\n" not in str(e.value)
+
+
+# -- a failed rank's own exit code, from a recorded failure ------------------------------------------
+def test_failed_rank_reports_its_own_exit_code_not_torchruns():
+    """Both pods' torchrun exited 1; the second pod's termination message (the end of its log)
+    names rank 3 and its code 7, which the job reports, with the node it ran on."""
+    rec = json.loads((REPO / "tests" / "fixtures" / "kubernetes" / "failed_rank_two_nodes.json").read_text())
+    st = job_status(rec["job"], rec["pods"], "kubernetes:ml/digits-train-abc")
+    assert (st.state, st.exit_code) == (JobState.FAILED, 7)
+    first = st.reason.splitlines()[0]
+    assert first == ("Job has reached the specified backoff limit; rank 3 failed with exit code 7 on "
+                     "digits-train-abc-1.digits-train-abc.ml.svc.cluster.local")
+    assert "  exitcode  : 7 (pid: 61)" in st.reason.splitlines()[1:]  # the end of the failed pod's log follows
+    assert st.started_at == datetime(2026, 12, 2, 6, 29, 58, tzinfo=timezone.utc).timestamp()
+    # The same pods under a Kubeflow PyTorchJob: the same explanation.
+    ptj = {"kind": "PyTorchJob", "metadata": {"name": "digits-train-abc"},
+           "status": {"conditions": [{"type": "Running", "status": "False"},
+                                     {"type": "Failed", "status": "True", "message": "PyTorchJob digits-train-abc is failed"}]}}
+    assert job_status(ptj, rec["pods"], "kubernetes:ml/digits-train-abc").exit_code == 7
+    # Without the messages there is only the pods' worst code, torchrun's 1, and the reason says just that.
+    plain = [{**p, "status": {**p["status"], "containerStatuses": [
+        {**cs, "state": {"terminated": {k: v for k, v in cs["state"]["terminated"].items() if k != "message"}}}
+        for cs in p["status"]["containerStatuses"]]}} for p in rec["pods"]]
+    assert job_status(rec["job"], plain, "k:x").reason == "Job has reached the specified backoff limit; exited with code 1"
+
+
+def test_pods_keep_the_end_of_a_failed_log_as_their_message(project):
+    c = _pod(manifests(job_spec(project, "train"), project.targets.kubernetes, "j"))["containers"][0]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_cancel_keeps_a_finished_jobs_outcome_and_ids_name_their_backend(backend, project):
+    job_id = backend.submit(job_spec(project, "train"))
+    ns, name = job_id.removeprefix("kubernetes:").split("/")
+    backend.apis.batch.jobs[(ns, name)]["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    assert backend.cancel(job_id).state is JobState.SUCCEEDED  # Backend.cancel: looked up, finished
+    assert "patch_namespaced_job" not in [c for c, _ in backend.apis.batch.calls]
+    with pytest.raises(JobNotFound, match="'slurm:42' is a slurm job, not a kubernetes one"):
+        backend.status("slurm:42")

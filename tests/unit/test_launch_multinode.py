@@ -1,7 +1,7 @@
 """Several nodes in one log: the failing rank's own code and node from torchrun's summaries."""
 from __future__ import annotations
 
-from torchcapsule.launch.torchrun import failed_rank
+from torchcapsule.launch.failure import failed_rank
 
 # What `capsule jobs logs` showed on the two-node cluster (srun --label): the second node's rank 3
 # exited 7, and that node's torchrun SIGTERMed its other rank; the first node's step was cancelled.

@@ -1,4 +1,4 @@
-"""launch/_proc.py and launch/_command.py: log following, tails, one-line errors (pure-ish)."""
+"""launch/_proc.py, command.shell_join and failure.explain_failure: log following, tails, one-line errors."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,8 @@ import pytest
 
 from torchcapsule.errors import BackendError
 from torchcapsule.launch import _proc
-from torchcapsule.launch._command import explain_failure, shell_join
+from torchcapsule.launch.command import shell_join
+from torchcapsule.launch.failure import explain_failure
 
 
 def test_follow_file_yields_lines_as_they_arrive_until_done(tmp_path):
@@ -48,6 +49,40 @@ def test_shell_join_keeps_variables_expandable():
     assert shell_join(["srun", "--rdzv_endpoint", "$head:$port", "a b"]) == "srun --rdzv_endpoint \"$head:$port\" 'a b'"
 
 
-def test_explain_failure_without_summary_keeps_the_code():
-    assert explain_failure(1, "plain crash\n") == (1, None)
-    assert explain_failure(1, "    rank      : 0 (local_rank: 0)\n    exitcode  : -9 (pid: 3)\n") == (137, "rank 0 exited with 137")
+SUMMARY = "Root Cause (first observed failure):\n[0]:\n  host      : node-2\n  rank      : 1 (local_rank: 1)\n  exitcode  : {code} (pid: 1)\n"
+
+
+@pytest.mark.parametrize("code,log,kw,want", [
+    (1, "plain crash", {"tail_lines": 0}, (1, "exited with code 1")),
+    (1, "plain crash", {}, (1, "exited with code 1\nplain crash")),  # the log tail follows the reason
+    (-9, "", {}, (137, "killed by signal 9")),
+    (None, "", {"context": ("Slurm state TIMEOUT", None)}, (None, "Slurm state TIMEOUT")),
+    (1, SUMMARY.format(code=3), {"tail_lines": 0}, (3, "rank 1 failed with exit code 3 on node-2")),
+    (1, SUMMARY.format(code=-9), {"tail_lines": 0}, (137, "rank 1 was killed by signal 9 (exit code 137) on node-2")),
+    (1, SUMMARY.format(code=75), {"tail_lines": 0},
+     (75, "preempted: rank 1 on node-2 saved a checkpoint and exited 75; rerun to resume")),
+    (1, "torchcapsule: preempted by signal 15 on rank 0; exiting 75", {"tail_lines": 0, "context": ("OOM",)},
+     (75, "OOM; preempted: the ranks saved a checkpoint and exited 75; rerun to resume")),
+])
+def test_explain_failure(code, log, kw, want):
+    assert explain_failure(code, log, **kw) == want
+
+
+def test_explain_failure_names_the_failed_ranks_own_cause():
+    from pathlib import Path
+
+    # recorded: `capsule run train` of examples/digits with a full models volume (2 gloo ranks)
+    log = (Path(__file__).parents[1] / "fixtures" / "logs" / "local-disk-full-2-ranks.log").read_text()
+    assert explain_failure(1, log, tail_lines=0) == (1, "exited with code 1")  # no summary: no rank known
+    # ... and torchrun's summary when it gave up, naming rank 0
+    code, reason = explain_failure(1, log + SUMMARY.replace("rank      : 1 (local_rank: 1)", "rank      : 0 (local_rank: 0)")
+                                   .format(code=1), tail_lines=0)
+    assert code == 1 and reason.startswith("rank 0 failed with exit code 1 on node-2")
+    assert ": no space left on device writing /tmp/df/proj/models/" in reason and "\n" not in reason
+
+
+def test_explain_failure_tail_is_the_last_lines():
+    log = "".join(f"line {i}\n" for i in range(50))
+    code, reason = explain_failure(2, log, context=("NonZeroExitCode",))
+    assert reason.splitlines()[0] == "NonZeroExitCode; exited with code 2"
+    assert reason.splitlines()[1:] == [f"line {i}" for i in range(30, 50)]

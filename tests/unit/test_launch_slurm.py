@@ -13,7 +13,7 @@ from tests.conftest import EXAMPLE
 from torchcapsule.config import GpuRequest, SlurmContainer, SlurmTarget, load_project, parse_gpus
 from torchcapsule.errors import BackendError, JobNotFound
 from torchcapsule.launch.api import JobState
-from torchcapsule.launch.slurm import SLURM_STATES, SlurmBackend, gpu_gres, parse_record, render_script, status_of
+from torchcapsule.launch.slurm import SLURM_STATES, SlurmBackend, gpu_gres, job_status, parse_record, render_script
 from torchcapsule.launch.spec import job_spec
 
 # A real `scontrol show job -o` line from Slurm 22.05 (a job whose script exited 3).
@@ -136,8 +136,8 @@ def test_parse_record_keeps_values_with_spaces():
     assert rec["Comment"] == "torchcapsule" and rec["TRES"] == "cpu=1,mem=22057M,node=1,billing=1"
 
 
-def test_status_of_failed_has_code_reason_and_tail():
-    st = status_of(parse_record(FAILED_LINE), "slurm:2", "line1\nboom")
+def test_job_status_failed_has_code_reason_and_tail():
+    st = job_status(parse_record(FAILED_LINE), "slurm:2", "line1\nboom")
     assert st.state is JobState.FAILED and st.exit_code == 3
     assert "NonZeroExitCode" in st.reason and st.reason.endswith("line1\nboom")
     assert st.finished_at - st.started_at == 1
@@ -150,16 +150,16 @@ def test_status_of_failed_has_code_reason_and_tail():
     ("TIMEOUT", "0:0", JobState.FAILED, None),  # never report 0 for a failure
     ("PENDING", "0:0", JobState.PENDING, None),
 ])
-def test_status_of_states(state, code, expect_state, expect_code):
-    st = status_of({"JobState": state, "ExitCode": code, "JobName": "x"}, "slurm:1")
+def test_job_status_states(state, code, expect_state, expect_code):
+    st = job_status({"JobState": state, "ExitCode": code, "JobName": "x"}, "slurm:1")
     assert (st.state, st.exit_code) == (expect_state, expect_code)
 
 
 def test_status_recovers_the_failing_ranks_code_from_torchruns_summary():
     log = ("[rank1]:boom\n  Root Cause (first observed failure):\n  [0]:\n    time      : x\n"
            "    host      : localhost\n    rank      : 1 (local_rank: 1)\n    exitcode  : 3 (pid: 7)\n")
-    st = status_of({"JobState": "FAILED", "ExitCode": "1:0"}, "slurm:9", log)
-    assert st.exit_code == 3 and "rank 1 on localhost exited with 3" in st.reason
+    st = job_status({"JobState": "FAILED", "ExitCode": "1:0"}, "slurm:9", log)
+    assert st.exit_code == 3 and "rank 1 failed with exit code 3 on localhost" in st.reason
 
 
 def test_bad_job_id_is_job_not_found(project):

@@ -9,28 +9,30 @@ import pytest
 from torchcapsule.config import parse_project
 from torchcapsule.errors import BackendError, JobNotFound
 from torchcapsule.launch import JobState
-from torchcapsule.launch.local import LocalBackend, job_result
+from torchcapsule.launch.local import LocalBackend, job_status
 from torchcapsule.launch.spec import job_spec
 
 SUMMARY = "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : {code} (pid: 1)\n"
 
 
-@pytest.mark.parametrize("rc,tail,dist,cancelled,want", [
-    (0, "", True, False, (JobState.SUCCEEDED, 0, None)),
-    (1, SUMMARY.format(code=3), True, False, (JobState.FAILED, 3, "rank 1 failed with exit code 3")),
-    (1, SUMMARY.format(code=-9), True, False, (JobState.FAILED, 137, "rank 1 was killed by signal 9 (exit code 137)")),
-    (4, "", False, False, (JobState.FAILED, 4, "exited with code 4")),
-    (-9, "", False, False, (JobState.FAILED, 137, "killed by signal 9")),
+@pytest.mark.parametrize("rc,tail,cancelled,want", [
+    (0, "", False, (JobState.SUCCEEDED, 0, None)),
+    (1, SUMMARY.format(code=3), False, (JobState.FAILED, 3, "rank 1 failed with exit code 3")),
+    (1, SUMMARY.format(code=-9), False, (JobState.FAILED, 137, "rank 1 was killed by signal 9 (exit code 137)")),
+    (4, "", False, (JobState.FAILED, 4, "exited with code 4")),
+    (-9, "", False, (JobState.FAILED, 137, "killed by signal 9")),
+    (-15, "", True, (JobState.CANCELLED, 143, "cancelled")),
 ])
-def test_job_result(rc, tail, dist, cancelled, want):
-    assert job_result(rc, tail, distributed=dist, cancelled=cancelled) == want
+def test_job_status(rc, tail, cancelled, want):
+    st = job_status("local:x", rc, tail, cancelled=cancelled)
+    assert (st.state, st.exit_code, st.reason) == want
 
 
-def test_job_result_preempted_and_cancelled():
+def test_job_status_preempted_and_cancelled():
     tail = "torchcapsule: preempted by signal 15 on rank 0; exiting 75 (rerun to resume)\nSignalException"
-    state, code, reason = job_result(1, tail, distributed=True, cancelled=True)
-    assert state is JobState.CANCELLED and code == 75 and reason.startswith("preempted")
-    assert job_result(1, SUMMARY.format(code=75), distributed=True, cancelled=False)[1] == 75
+    st = job_status("local:x", 1, tail, cancelled=True)
+    assert st.state is JobState.CANCELLED and st.exit_code == 75 and st.reason.startswith("preempted")
+    assert job_status("local:x", 1, SUMMARY.format(code=75), cancelled=False).exit_code == 75
 
 
 def _project(tmp_path: Path):
@@ -72,3 +74,18 @@ def test_refusals_before_launch(tmp_path, monkeypatch):
     with pytest.raises(JobNotFound, match="capsule jobs list"):
         LocalBackend().status("local:nope")
     assert LocalBackend().list() == []
+
+
+def test_a_plain_script_stage_runs_with_the_stage_interpreter(tmp_path, monkeypatch):
+    """`run: evaluate.py` (no ddp) really runs locally, as it does on docker/slurm/kubernetes."""
+    monkeypatch.setenv("CAPSULE_HOME", str(tmp_path / "home"))
+    text = "name: demo\nstages:\n  evaluate: {run: \"evaluate.py --split test\"}\n"
+    (tmp_path / "capsule.yaml").write_text(text)
+    (tmp_path / "evaluate.py").write_text(
+        "import os, sys\nprint('evaluated', sys.argv[1:], os.environ['CAPSULE_STAGE'], sys.executable)\n")
+    backend = LocalBackend()
+    job_id = backend.submit(job_spec(parse_project(text, tmp_path / "capsule.yaml"), "evaluate"))
+    st = backend.wait(job_id, poll_s=0.1, timeout_s=120)
+    log = list(backend.logs(job_id))
+    assert (st.state, st.exit_code) == (JobState.SUCCEEDED, 0), log
+    assert f"evaluated ['--split', 'test'] evaluate {sys.executable}" in log

@@ -1,4 +1,4 @@
-"""The pure torchrun command builder: argv, env, nproc, failure parsing."""
+"""launch/command.py (a stage's argv and env) and launch/failure.py (failure parsing), pure."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,10 +8,8 @@ import pytest
 from torchcapsule.config import GpuRequest
 from torchcapsule.errors import BackendError, ConfigError
 from torchcapsule.launch.api import JobSpec
-from torchcapsule.launch.torchrun import (
-    capsule_env, entrypoint, failed_rank, nproc_per_node, shell_exit_code, stage_env,
-    torchrun_command,
-)
+from torchcapsule.launch.command import capsule_env, entrypoint, nproc, stage_env, torchrun_command
+from torchcapsule.launch.failure import failed_rank, shell_exit_code
 
 
 def spec(command=("train.py", "--epochs", "30"), **kw) -> JobSpec:
@@ -70,11 +68,13 @@ def test_torchrun_command_multinode_and_launcher():
 
 
 def test_nproc_gpus_cpus_and_too_many_gpus():
-    assert nproc_per_node(spec(gpus=GpuRequest(count=4)), gpus_visible=8) == 4
-    assert nproc_per_node(spec(cpus=2), gpus_visible=0) == 2
-    assert nproc_per_node(spec(cpus=None), gpus_visible=0) == 1
+    assert nproc(spec(gpus=GpuRequest(count=4)), gpus_visible=8) == 4
+    assert nproc(spec(gpus=GpuRequest(count=4))) == 4  # a cluster grants what was asked
+    assert nproc(spec(cpus=2), gpus_visible=0) == 2
+    assert nproc(spec(cpus=None), gpus_visible=0) == 1
+    assert nproc(spec(distributed="none", gpus=GpuRequest(count=4)), gpus_visible=0) == 1
     with pytest.raises(BackendError, match=r"asks for 2 GPUs per node but this machine has 0 GPUs; pass --gpus 0"):
-        nproc_per_node(spec(gpus=GpuRequest(count=2)), gpus_visible=0)
+        nproc(spec(gpus=GpuRequest(count=2)), gpus_visible=0)
 
 
 def test_env_volumes_threads_and_stage_env_wins():

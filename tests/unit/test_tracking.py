@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from torchcapsule.launch.api import CONTAINER_MOUNTS, JobSpec
-from torchcapsule.launch.torchrun import capsule_env
+from torchcapsule.launch.command import capsule_env
 from torchcapsule.registry import tracking
 
 

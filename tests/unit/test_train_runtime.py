@@ -152,6 +152,6 @@ def test_public_api_is_pinned():
         "Checkpointer", "DistInfo", "MetricsLogger", "PREEMPTED_EXIT_CODE", "Precision", "Preemption",
         "barrier", "cleanup", "default_checkpoint_dir", "init_distributed", "mixed_precision",
         "read_metrics", "seed_everything", "unwrap"])
-    from torchcapsule.launch.torchrun import PREEMPTED_EXIT_CODE as launch_code
+    from torchcapsule.launch.failure import PREEMPTED_EXIT_CODE as launch_code
 
     assert t.PREEMPTED_EXIT_CODE == launch_code == 75  # the runtime and the launcher agree

@@ -187,17 +187,6 @@ def _default_pubkey() -> Path | None:
     return None
 
 
-def _host_has_gpu() -> bool:
-    import glob
-    import shutil
-    import subprocess
-
-    if glob.glob("/dev/nvidia[0-9]*"):
-        return True
-    exe = shutil.which("nvidia-smi")
-    return bool(exe) and subprocess.run([exe, "-L"], capture_output=True).returncode == 0
-
-
 def _host_ids(project, uid: int | None, gid: int | None, image_ids: tuple[int, int]) -> tuple[int, int, bool]:
     """(uid, gid, owned) the container runs as: --uid/--gid, else the caller, else (when the caller
     is root, e.g. under sudo) the owner of the workspace directory, else the image's own user.
@@ -220,22 +209,6 @@ def _host_ids(project, uid: int | None, gid: int | None, image_ids: tuple[int, i
     if uid == 0:
         return image_ids[0], image_ids[1], False
     return uid, gid or image_ids[1], True
-
-
-def _mkdir_owned(path: Path, uid: int, gid: int, mode: int | None = None) -> None:
-    """Create a missing directory (and parents) owned by uid:gid when we may chown (as root);
-    an existing one keeps its owner."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        d.mkdir()
-        if mode is not None:
-            d.chmod(mode)
-        if os.geteuid() == 0:
-            os.chown(d, uid, gid)
 
 
 @click.command()
@@ -262,7 +235,9 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
     import secrets
     import subprocess
 
+    from .._util import mkdir_owned
     from ..config import parse_size
+    from ..doctor.probes import gpu_names
     from ..image import dev as d
     from ..image.spec import resolve
 
@@ -293,7 +268,7 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         image=image_ref, name=name,
         volumes={v: project.volume_path(v) for v in d.VOLUMES},
         jupyter_port=jupyter_port, ssh_port=ssh_port, public=public,
-        gpus=_host_has_gpu() if gpus is None else gpus,
+        gpus=bool(gpu_names()) if gpus is None else gpus,
         ipc_host=shm_size is None and project.targets.docker.ipc_host,
         shm_size=shm_size, network=network or project.targets.docker.network,
         host_uid=host_uid, host_gid=host_gid, home=home, user_home=f"/home/{spec.user}", read_only=read_only,
@@ -329,8 +304,8 @@ def dev(file, image_ref, name, jupyter_port, ssh_port, public, key, gpus, shm_si
         raise ImageError(f"--image: {image_ref} is a slim image (no Jupyter or SSH); build and use the jupyter-ssh flavor")
     # Missing volumes would be made by dockerd, owned by root: make them, owned by the user.
     for v in d.VOLUMES:
-        _mkdir_owned(opts.volumes[v], host_uid, host_gid)
-    _mkdir_owned(home, host_uid, host_gid, mode=0o700)
+        mkdir_owned(opts.volumes[v], host_uid, host_gid)
+    mkdir_owned(home, host_uid, host_gid, mode=0o700)
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         reason = (r.stderr.strip().splitlines() or ["?"])[-1]

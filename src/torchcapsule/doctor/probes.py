@@ -87,6 +87,31 @@ def probe(pinned: dict[str, str] | None = None, project_file: str | None = None)
     return f
 
 
+def gpu_names() -> list[str]:
+    """The NVIDIA GPUs of this machine by name ([] without nvidia-smi or a working driver): what a
+    GPU request is checked against before a job starts (launch backends, `capsule dev`)."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        r = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else []
+
+
+def visible_gpus() -> int:
+    """How many GPUs this process may use: CUDA_VISIBLE_DEVICES when it is set, else gpu_names()."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
+    return len(gpu_names())
+
+
 def _read(path: str) -> str | None:
     try:
         return Path(path).read_text(errors="replace")

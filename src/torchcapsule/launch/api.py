@@ -8,10 +8,11 @@ manifests) so users can read it and tests can check it without a cluster.
 from __future__ import annotations
 
 import enum
+import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,6 +48,19 @@ class JobStatus:
             "reason": self.reason, "name": self.name,
             "started_at": self.started_at, "finished_at": self.finished_at,
         }
+
+
+def timestamp(value: Any) -> float | None:
+    """A backend's time -> epoch seconds: ISO 8601 text (Docker's nanoseconds, a "Z", Slurm's
+    local time without zone) or a datetime; None when unset ("", "Unknown", Docker's 0001-01-01)."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if not value or str(value).startswith("0001-"):
+        return None
+    try:  # fromisoformat takes at most microseconds
+        return datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", str(value).replace("Z", "+00:00"))).timestamp()
+    except ValueError:
+        return None
 
 
 # Where each volume is mounted inside a container (docker, kubernetes, slurm containers).
@@ -121,26 +135,59 @@ class Backend(ABC):
     def job_id(self, native: str) -> str:
         return f"{self.name}:{native}"
 
+    def native(self, job_id: str) -> str:
+        """'slurm:42' -> '42' for this backend (launch.backend_of parses every job id)."""
+        from . import backend_of
+        from ..errors import JobNotFound
+
+        name, native = backend_of(job_id)
+        if name != self.name:
+            raise JobNotFound(f"'{job_id}' is a {name} job, not a {self.name} one; see `capsule jobs list`")
+        return native
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a job: the ranks get SIGTERM (they save a checkpoint), SIGKILL after a grace period.
+        A job that already ended keeps its real outcome. Returns the status it had before."""
+        st = self.status(job_id)
+        if st.state.terminal:
+            self._cancel_ended(self.native(job_id))
+        else:
+            self._cancel_existing(self.native(job_id))
+        return st
+
+    def _cancel_ended(self, native: str) -> None:
+        """Hook: clean up after a job that ended (nothing to do unless the backend knows better)."""
+
     # -- hooks each backend implements ------------------------------------------------------
     @abstractmethod
     def check_available(self) -> None:
         """Raise BackendError (one line, with the fix) when the backend cannot be used here."""
 
     @abstractmethod
-    def dryrun(self, spec: JobSpec) -> DryRun: ...
+    def dryrun(self, spec: JobSpec) -> DryRun:
+        """What would be submitted, without side effects: `text` for people, `request` for
+        schedule(). The stage's argv and env come from launch.command.stage_command. Raises
+        BackendError when the backend cannot run the spec (e.g. several nodes on one machine)."""
 
     @abstractmethod
-    def schedule(self, dryrun: DryRun) -> str: ...
+    def schedule(self, dryrun: DryRun) -> str:
+        """Start `dryrun.request` (checks that need the machine or cluster happen here first);
+        returns the job id 'BACKEND:NATIVE'."""
 
     @abstractmethod
-    def status(self, job_id: str) -> JobStatus: ...
+    def status(self, job_id: str) -> JobStatus:
+        """The job's state now, mapped from the native one by the backend's pure `job_status`; a
+        failed job's code and reason come from launch.failure.explain_failure. JobNotFound
+        (one line) for an id the backend does not know."""
 
     @abstractmethod
     def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]:
         """The job's output, one line per item without its newline; `follow` until it ends."""
 
     @abstractmethod
-    def cancel(self, job_id: str) -> None: ...
+    def _cancel_existing(self, native: str) -> None:
+        """Stop a job that has not ended (cancel() checked); it then reads CANCELLED, not FAILED."""
 
     @abstractmethod
-    def list(self) -> list[JobStatus]: ...
+    def list(self) -> list[JobStatus]:
+        """Every job of this backend started by torchcapsule (that it can still see)."""

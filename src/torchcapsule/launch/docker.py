@@ -14,12 +14,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
+from .._util import mkdir_owned
 from ..config import DockerTarget, GpuRequest, Project
+from ..doctor.probes import gpu_names
 from ..errors import BackendError, JobNotFound
 from . import _proc
-from ._command import explain_failure, nproc, stage_argv
-from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus
-from .torchrun import stage_env
+from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus, timestamp
+from .command import stage_command
+from .failure import explain_failure
 
 LABEL = "torchcapsule.job"
 
@@ -48,7 +50,7 @@ def container_name(spec: JobSpec, now: datetime | None = None) -> str:
 
 
 def gpu_problem(req: GpuRequest, names: list[str] | None) -> str | None:
-    """Why this machine cannot give `req` (None when it can). `names` from nvidia-smi, None = no GPU."""
+    """Why this machine cannot give `req` (None when it can). `names`: doctor.probes.gpu_names()."""
     if req.count == 0:
         return None
     if not names:
@@ -99,14 +101,13 @@ def render_argv(spec: JobSpec, target: DockerTarget, name: str, uid: int, gid: i
         argv += ["--volume", f"{spec.workdir}:{spec.workdir}"]
         workdir = str(spec.workdir)
     argv += ["--workdir", workdir]
-    mounts = {k: CONTAINER_MOUNTS[k] for k in spec.volumes}
+    command, env = stage_command(spec, mounts={k: CONTAINER_MOUNTS[k] for k in spec.volumes}, cpu_count=spec.cpus)
     # HOME: the host UID has no home in the image; caches (torch, pip) need a writable one.
-    env = {"HOME": "/tmp", **stage_env(spec, mounts=mounts, nproc=nproc(spec), cpu_count=spec.cpus)}
-    for k, v in env.items():
+    for k, v in {"HOME": "/tmp", **env}.items():
         argv += ["--env", f"{k}={v}"]
     argv += list(target.extra_args)
     argv.append(spec.image)
-    return argv + stage_argv(spec)
+    return argv + command
 
 
 def _container_path(spec: JobSpec, host: Path) -> str | None:
@@ -119,8 +120,9 @@ def _container_path(spec: JobSpec, host: Path) -> str | None:
     return str(Path(CONTAINER_MOUNTS["workspace"]) / rel)
 
 
-def state_of(st: dict, cancelled: bool) -> tuple[JobState, int | None, str | None]:
-    """`docker inspect` .State -> (JobState, exit code, reason) (pure)."""
+def job_status(info: dict, job_id: str, *, cancelled: bool, log: str = "") -> JobStatus:
+    """`docker inspect` of a container (+ the end of its log when it failed) -> JobStatus (pure)."""
+    st = info.get("State") or {}
     status = st.get("Status", "")
     state = DOCKER_STATES.get(status, JobState.UNKNOWN)
     code = st.get("ExitCode") if status in ("exited", "dead") else None
@@ -131,20 +133,13 @@ def state_of(st: dict, cancelled: bool) -> tuple[JobState, int | None, str | Non
             reason = "cancelled by `capsule jobs cancel`"
         elif code != 0 or st.get("OOMKilled") or status == "dead":
             state = JobState.FAILED
-            code = code or None  # failed without an exit status: never report 0
             if st.get("OOMKilled"):
                 reason = "killed by the kernel: out of memory (raise resources.memory)"
-    return state, code, reason
-
-
-def _ts(text: str | None) -> float | None:
-    if not text or text.startswith("0001-"):
-        return None
-    try:  # Docker gives nanoseconds; fromisoformat takes at most microseconds
-        text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("Z", "+00:00"))
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
+            # failed without an exit status: never report 0
+            code, reason = explain_failure(code or None, log, context=(reason,))
+    name = info.get("Name", "").lstrip("/")
+    return JobStatus(job_id, state, code, reason, name=((info.get("Config") or {}).get("Labels") or {}).get(LABEL, name),
+                     started_at=timestamp(st.get("StartedAt")), finished_at=timestamp(st.get("FinishedAt")))
 
 
 class DockerBackend(Backend):
@@ -169,14 +164,6 @@ class DockerBackend(Backend):
             raise BackendError(f"no Docker engine answers ({_proc.first_line(r.stderr)}); "
                                "start dockerd (systemctl start docker) or install Docker")
 
-    def gpu_names(self) -> list[str] | None:
-        import shutil
-
-        if shutil.which("nvidia-smi") is None:
-            return None
-        r = _proc.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], timeout=20)
-        return [line.strip() for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else None
-
     def dryrun(self, spec: JobSpec) -> DryRun:
         if spec.nodes != 1:
             raise BackendError(f"--nodes {spec.nodes}: the docker backend runs on this one machine; "
@@ -186,27 +173,18 @@ class DockerBackend(Backend):
 
     def schedule(self, dryrun: DryRun) -> str:
         spec, argv = dryrun.spec, dryrun.request
-        problem = gpu_problem(spec.gpus, self.gpu_names())
+        problem = gpu_problem(spec.gpus, gpu_names()) if spec.gpus.count else None
         if problem:
             raise BackendError(problem)
         if self._docker("image", "inspect", spec.image, timeout=20).returncode != 0:
             raise BackendError(f"image '{spec.image}' is not in the local Docker engine; "
                                "build it with `capsule image build`")
         for host in spec.volumes.values():  # else dockerd creates them, owned by root
-            if not host.exists():
-                host.mkdir(parents=True)
-                if os.geteuid() == 0 and (self.uid, self.gid) != (0, 0):
-                    os.chown(host, self.uid, self.gid)  # the job's user must be able to write there
+            mkdir_owned(host, self.uid, self.gid)  # the job's user must be able to write there
         r = _proc.run(argv, timeout=120)
         if r.returncode != 0:
             raise BackendError(f"docker run refused the job: {_proc.first_line(r.stderr)}")
         return self.job_id(argv[argv.index("--name") + 1])
-
-    def _native(self, job_id: str) -> str:
-        name, sep, native = job_id.partition(":")
-        if sep and name == self.name:
-            return native
-        return job_id
 
     def _inspect(self, names: list[str]) -> list[dict]:
         r = self._docker("inspect", *names)
@@ -219,34 +197,25 @@ class DockerBackend(Backend):
 
     def _status(self, info: dict) -> JobStatus:
         name = info["Name"].lstrip("/")
-        st = info["State"]
-        state, code, reason = state_of(st, (_cancel_dir() / name).exists())
-        if state is JobState.FAILED:
-            log = self._log_tail(name, 80) or ""
-            code, why = explain_failure(code, log)
-            tail = "\n".join(log.splitlines()[-20:])
-            reason = "; ".join(x for x in (reason, why) if x) + (f"\n{tail}" if tail else "")
-        return JobStatus(self.job_id(name), state, code, reason,
-                         name=info["Config"]["Labels"].get(LABEL, name),
-                         started_at=_ts(st.get("StartedAt")), finished_at=_ts(st.get("FinishedAt")))
+        cancelled = (_cancel_dir() / name).exists()
+        st = job_status(info, self.job_id(name), cancelled=cancelled)
+        if st.state is JobState.FAILED:  # the end of its log names the failing rank and its code
+            st = job_status(info, self.job_id(name), cancelled=cancelled, log=self._log_tail(name, 80) or "")
+        return st
 
     def _log_tail(self, name: str, lines: int = 20) -> str | None:
         r = self._docker("logs", "--tail", str(lines), name)
         return (r.stdout + r.stderr).strip() or None
 
     def status(self, job_id: str) -> JobStatus:
-        return self._status(self._inspect([self._native(job_id)])[0])
+        return self._status(self._inspect([self.native(job_id)])[0])
 
     def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]:
-        name = self._native(job_id)
+        name = self.native(job_id)
         self._inspect([name])  # one-line JobNotFound rather than docker's message
         yield from _proc.stream([self.docker, "logs", *(["--follow"] if follow else []), name])
 
-    def cancel(self, job_id: str) -> None:
-        name = self._native(job_id)
-        info = self._inspect([name])[0]
-        if not info["State"].get("Running") and info["State"].get("Status") != "created":
-            return  # already finished: keep its real outcome
+    def _cancel_existing(self, name: str) -> None:
         marker = _cancel_dir() / name
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()

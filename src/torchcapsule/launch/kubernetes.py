@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 from ..config import GpuRequest, KubernetesTarget, Project
 from ..errors import BackendError, JobNotFound
-from ._command import RDZV_PORT, kubeflow_argv, nproc, stage_argv
-from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus
-from .torchrun import stage_env
+from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus, timestamp
+from .command import RDZV_PORT, nproc, stage_command
+from .failure import explain_failure
 
 GROUP = "torchcapsule.io"
 JOB_LABEL = f"{GROUP}/job"
@@ -122,8 +122,8 @@ class PodUser:
     gid: int = 1000
 
 
-def pod_spec(spec: JobSpec, target: KubernetesTarget, argv: list[str], user: PodUser,
-             *, container: str = "main", restart: str = "Never") -> dict[str, Any]:
+def pod_spec(spec: JobSpec, target: KubernetesTarget, user: PodUser, *, rdzv_endpoint: str | None,
+             rdzv_id: str | None = None, container: str = "main", restart: str = "Never") -> dict[str, Any]:
     resources: dict[str, dict[str, Any]] = {}
     if spec.gpus.count:
         resources.setdefault("limits", {})["nvidia.com/gpu"] = spec.gpus.count
@@ -141,11 +141,15 @@ def pod_spec(spec: JobSpec, target: KubernetesTarget, argv: list[str], user: Pod
     for vol, claim in target.pvc.items():
         volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": vol, "mountPath": CONTAINER_MOUNTS[vol]})
-    env = stage_env(spec, mounts=dict(CONTAINER_MOUNTS), nproc=nproc(spec), cpu_count=spec.cpus or 1)
+    argv, env = stage_command(spec, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
+                              mounts=dict(CONTAINER_MOUNTS), cpu_count=spec.cpus or 1)
     main: dict[str, Any] = {
         "name": container,
         "image": spec.image,
         "command": argv,
+        # A failed container's last log lines become its status message: torchrun's summary
+        # there names the failing rank and its own exit code (torchrun itself exits 1).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "workingDir": CONTAINER_MOUNTS["workspace"],
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "resources": resources,
@@ -194,8 +198,7 @@ def manifests(spec: JobSpec, target: KubernetesTarget, name: str, user: PodUser 
     multi = spec.nodes > 1
     # Several nodes: rank 0's pod (stable DNS name via the headless Service) hosts the rendezvous.
     endpoint = f"{name}-0.{name}:{RDZV_PORT}" if multi else "localhost:0"
-    argv = stage_argv(spec, rdzv_endpoint=endpoint, rdzv_id=name)
-    pod = pod_spec(spec, target, argv, user)
+    pod = pod_spec(spec, target, user, rdzv_endpoint=endpoint, rdzv_id=name)
     job_spec: dict[str, Any] = {
         # ddp stages retry inside torchrun; others let the Job recreate the pod.
         "backoffLimit": 0 if spec.distributed == "ddp" else spec.retries,
@@ -223,8 +226,8 @@ def manifests(spec: JobSpec, target: KubernetesTarget, name: str, user: PodUser 
 
 def _pytorchjob(spec: JobSpec, target: KubernetesTarget, name: str, meta: dict, labels: dict,
                 user: PodUser) -> dict[str, Any]:
-    argv = kubeflow_argv(spec)
-    pod = pod_spec(spec, target, argv, user, container="pytorch", restart="OnFailure")
+    # The operator sets the rendezvous and node count (PET_*) and restarts failed pods itself.
+    pod = pod_spec(spec, target, user, rdzv_endpoint=None, container="pytorch", restart="OnFailure")
     replica = {"replicas": 1, "restartPolicy": "OnFailure",
                "template": {"metadata": {"labels": labels}, "spec": pod}}
     replicas = {"Master": replica}
@@ -247,61 +250,51 @@ def dump_yaml(docs: list[dict[str, Any]]) -> str:
     return "".join("---\n" + yaml.dump(d, Dumper=NoAliases, sort_keys=False) for d in docs)
 
 
-def job_status(job: dict[str, Any], pods: list[dict[str, Any]], job_id: str) -> JobStatus:
-    """A batch/v1 Job (+ its pods) as returned by the API, camelCase -> JobStatus (pure)."""
-    meta, st = job.get("metadata", {}), job.get("status", {}) or {}
+def job_status(obj: dict[str, Any], pods: list[dict[str, Any]], job_id: str, log: str = "") -> JobStatus:
+    """A batch/v1 Job or a Kubeflow PyTorchJob (+ its pods) as the API returns them, camelCase
+    -> JobStatus (pure). A failure reports the failing rank's own code: from `log` (the failing
+    pod's log tail) or else its containers' termination messages (FallbackToLogsOnError)."""
+    meta, st = obj.get("metadata", {}), obj.get("status", {}) or {}
     cancelled = (meta.get("annotations") or {}).get(CANCELLED) == "true"
     true = [c for c in st.get("conditions") or [] if c.get("status") == "True"]
     state, reason = None, None
-    for c in true:
-        if c["type"] in JOB_CONDITIONS and JOB_CONDITIONS[c["type"]].terminal:
-            state, reason = JOB_CONDITIONS[c["type"]], c.get("message") or c.get("reason")
-            break
-    if state is None:
-        if cancelled:
-            state, reason = JobState.CANCELLED, "cancelled by `capsule jobs cancel` (Job suspended)"
-        elif st.get("active"):
+    if obj.get("kind") == "PyTorchJob":  # the last true condition is the state
+        if true:
+            state, reason = KUBEFLOW_CONDITIONS.get(true[-1]["type"], JobState.UNKNOWN), true[-1].get("message")
+    else:
+        for c in true:
+            if c["type"] in JOB_CONDITIONS and JOB_CONDITIONS[c["type"]].terminal:
+                state, reason = JOB_CONDITIONS[c["type"]], c.get("message") or c.get("reason")
+                break
+        if state is None and st.get("active"):
             state = JobState.RUNNING if (st.get("ready") or 0) or _any_running(pods) else JobState.PENDING
-        else:
-            state = JobState.PENDING
-    code = exit_code(pods) if state.terminal else None
-    if state is JobState.FAILED and code == 0:
-        code = None
+    state = state or JobState.PENDING
+    if cancelled and not state.terminal:
+        state, reason = JobState.CANCELLED, f"cancelled by `capsule jobs cancel` ({obj.get('kind', 'Job')} suspended)"
+    code, messages = terminated(pods) if state.terminal else (None, "")
+    if state is JobState.FAILED:
+        code, reason = explain_failure(code or None, "\n".join(x for x in (messages, log) if x), context=(reason,))
     return JobStatus(job_id, state, code, reason, name=meta.get("name"),
-                     started_at=_ts(st.get("startTime")), finished_at=_ts(st.get("completionTime")))
-
-
-def kubeflow_status(obj: dict[str, Any], pods: list[dict[str, Any]], job_id: str) -> JobStatus:
-    meta, st = obj.get("metadata", {}), obj.get("status", {}) or {}
-    true = [c for c in st.get("conditions") or [] if c.get("status") == "True"]
-    state, reason = JobState.PENDING, None
-    if true:
-        last = true[-1]
-        state = KUBEFLOW_CONDITIONS.get(last["type"], JobState.UNKNOWN)
-        reason = last.get("message")
-    if (meta.get("annotations") or {}).get(CANCELLED) == "true" and not state.terminal:
-        state, reason = JobState.CANCELLED, "cancelled by `capsule jobs cancel` (PyTorchJob suspended)"
-    code = exit_code(pods) if state.terminal else None
-    return JobStatus(job_id, state, code, reason, name=meta.get("name"),
-                     started_at=_ts(st.get("startTime")), finished_at=_ts(st.get("completionTime")))
+                     started_at=timestamp(st.get("startTime")), finished_at=timestamp(st.get("completionTime")))
 
 
 def _any_running(pods: list[dict]) -> bool:
     return any((p.get("status") or {}).get("phase") == "Running" for p in pods)
 
 
-def exit_code(pods: list[dict[str, Any]]) -> int | None:
-    """The worst exit code of the pods' terminated containers (non-zero wins)."""
-    codes = []
+def terminated(pods: list[dict[str, Any]]) -> tuple[int | None, str]:
+    """(worst exit code of the pods' terminated containers, non-zero wins; the failed ones'
+    termination messages, the ends of their logs)."""
+    codes, messages = [], []
     for p in pods:
         for cs in (p.get("status") or {}).get("containerStatuses") or []:
             term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
             if term and term.get("exitCode") is not None:
                 codes.append(int(term["exitCode"]))
-    if not codes:
-        return None
+                if codes[-1] and term.get("message"):
+                    messages.append(term["message"])
     bad = [c for c in codes if c != 0]
-    return bad[0] if bad else 0
+    return (bad[0] if bad else 0) if codes else None, "\n".join(messages)
 
 
 def lead_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -313,19 +306,6 @@ def lead_pod(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         master = labels.get("training.kubeflow.org/replica-type", "master").lower() == "master"
         return (index == "0" and master, meta.get("creationTimestamp") or "")
     return max(pods, key=key) if pods else None
-
-
-def _ts(text: Any) -> float | None:
-    from datetime import datetime
-
-    if not text:
-        return None
-    if isinstance(text, datetime):
-        return text.timestamp()
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 # -- effects: the official client ------------------------------------------------------------
@@ -441,9 +421,8 @@ class KubernetesBackend(Backend):
                            version=version, namespace=ns, plural=plural, body=doc)
         return self.job_id(f"{ns}/{docs[0]['metadata']['name']}")
 
-    def _native(self, job_id: str) -> tuple[str, str]:
-        native = job_id.partition(":")[2] if job_id.startswith(f"{self.name}:") else job_id
-        ns, sep, name = native.partition("/")
+    def _ns_name(self, job_id: str) -> tuple[str, str]:
+        ns, sep, name = self.native(job_id).partition("/")
         if not sep or not ns or not name:
             raise JobNotFound(f"'{job_id}' is not a Kubernetes job id (kubernetes:NAMESPACE/NAME); "
                               "see `capsule jobs list`")
@@ -473,21 +452,17 @@ class KubernetesBackend(Backend):
         return "PyTorchJob", self.apis.plain(obj)
 
     def status(self, job_id: str) -> JobStatus:
-        ns, name = self._native(job_id)
+        ns, name = self._ns_name(job_id)
         kind, obj = self._get(ns, name)
         pods = self._pods(ns, name)
-        fn = job_status if kind == "Job" else kubeflow_status
-        st = fn(obj, pods, self.job_id(f"{ns}/{name}"))
-        if st.state is JobState.FAILED:
-            tail = self._log_tail(ns, pods)
-            if tail:
-                from dataclasses import replace
-
-                st = replace(st, reason=f"{st.reason or 'failed'}\n{tail}")
+        obj = {**obj, "kind": kind}
+        st = job_status(obj, pods, self.job_id(f"{ns}/{name}"))
+        if st.state is JobState.FAILED:  # the end of the failed pod's log, and its rank's own code
+            st = job_status(obj, pods, st.job_id, log=self._log_tail(ns, pods))
         return st
 
-    def _log_tail(self, ns: str, pods: list[dict], lines: int = 20) -> str:
-        pod = lead_pod(pods)
+    def _log_tail(self, ns: str, pods: list[dict], lines: int = 80) -> str:
+        pod = lead_pod([p for p in pods if terminated([p])[0]] or pods)
         if pod is None:
             return ""
         try:
@@ -497,7 +472,7 @@ class KubernetesBackend(Backend):
             return ""  # the reason is still reported without the tail
 
     def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]:
-        ns, name = self._native(job_id)
+        ns, name = self._ns_name(job_id)
         self._get(ns, name)
         pod = lead_pod(self._pods(ns, name))
         if pod is None:
@@ -519,12 +494,9 @@ class KubernetesBackend(Backend):
         if buf:
             yield buf.decode("utf-8", "replace")
 
-    def cancel(self, job_id: str) -> None:
-        ns, name = self._native(job_id)
-        kind, obj = self._get(ns, name)
-        st = (job_status if kind == "Job" else kubeflow_status)(obj, [], job_id)
-        if st.state.terminal:
-            return  # finished: keep its real outcome
+    def _cancel_existing(self, native: str) -> None:
+        ns, name = self._ns_name(self.job_id(native))
+        kind, _ = self._get(ns, name)
         what = f"cancelling {kind} {ns}/{name}"
         mark = {"metadata": {"annotations": {CANCELLED: "true"}}}
         if kind == "Job":

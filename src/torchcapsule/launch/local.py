@@ -31,31 +31,15 @@ from typing import Iterator
 
 from .. import dirlock
 from .._util import free_port
+from ..doctor.probes import visible_gpus
 from ..errors import BackendError, CheckpointBusy, JobNotFound
 from .api import Backend, DryRun, JobSpec, JobState, JobStatus
 from ._proc import pid_alive
-from .torchrun import (PREEMPTED_EXIT_CODE, failed_rank, nproc_per_node, shell_exit_code, stage_env,
-                       torchrun_command)
+from .command import entrypoint, stage_command
+from .failure import PREEMPTED_EXIT_CODE, explain_failure
 
-CANCEL_GRACE_S = 30.0
+CANCEL_GRACE_S = 30.0  # SIGTERM first (ranks save a checkpoint), SIGKILL after this
 LOG_CHUNK = 1 << 16  # output is copied and streamed in pieces of at most this many bytes/characters
-_PREEMPTED_LINE = "torchcapsule: preempted by signal"  # printed by torchcapsule.train.Preemption.exit  # SIGTERM first (ranks save a checkpoint), SIGKILL after this
-
-
-# -- effects: probing the machine ---------------------------------------------------------------
-def visible_gpus() -> int:
-    """GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`, else 0."""
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return 0
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU ")) if out.returncode == 0 else 0
 
 
 def jobs_home() -> Path:
@@ -73,14 +57,6 @@ class LocalRequest:
     log: str
     distributed: bool
     retries: int = 0  # reruns of a failed non-ddp stage (ddp stages restart inside torchrun)
-
-
-def _python_argv(command: tuple[str, ...]) -> list[str]:
-    """A non-ddp stage runs as written, except that `python` means this interpreter (its venv)."""
-    argv = list(command)
-    if argv and argv[0] in ("python", "python3"):
-        argv[0] = sys.executable
-    return argv
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -115,17 +91,12 @@ class LocalBackend(Backend):
             )
         native = f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         log = spec.log_dir / "jobs" / f"{native}.log"
-        if spec.distributed == "ddp":
-            nproc = nproc_per_node(spec, gpus_visible=visible_gpus())
-            argv = torchrun_command(
-                spec, nproc_per_node=nproc, rdzv_endpoint=f"127.0.0.1:{free_port()}", nnodes=1,
-                rdzv_id=native, log_dir=str(spec.log_dir / "jobs" / native),
-                launcher=(sys.executable, "-m", "torch.distributed.run"),
-            )
-        else:
-            nproc = 1
-            argv = _python_argv(spec.command)
-        env = stage_env(spec, nproc=nproc, cpu_count=os.cpu_count())
+        ddp = spec.distributed == "ddp"
+        argv, env = stage_command(
+            spec, python=sys.executable, launcher=(sys.executable, "-m", "torch.distributed.run"),
+            rdzv_endpoint=f"127.0.0.1:{free_port()}" if ddp else None, rdzv_id=native,
+            log_dir=str(spec.log_dir / "jobs" / native), cpu_count=os.cpu_count(),
+            gpus_visible=visible_gpus() if ddp and spec.gpus.count else None)
         # Stages run in capsule's own environment: `python` is already this interpreter, and its
         # bin directory (a venv's, holding `capsule`, `pytest`, `torchrun`) leads PATH, so a stage
         # like `capsule models register` works even when the venv was never activated.
@@ -165,7 +136,7 @@ class LocalBackend(Backend):
         return self.job_id(req.native_id)
 
     def _job_dir(self, job_id: str) -> Path:
-        native = job_id.partition(":")[2] if ":" in job_id else job_id
+        native = self.native(job_id)
         d = self.home / native
         if not native or "/" in native or not (d / "job.json").is_file():
             raise JobNotFound(f"no local job '{job_id}' in {self.home}; see `capsule jobs list`")
@@ -221,12 +192,13 @@ class LocalBackend(Backend):
             if pending:
                 yield pending
 
-    def cancel(self, job_id: str) -> None:
-        d = self._job_dir(job_id)
-        if self.status(job_id).state.terminal:
-            if _supervisor_died(d):  # what it started may still run, out of everyone's reach
-                end_leftovers(d)
-            return
+    def _cancel_ended(self, native: str) -> None:
+        d = self._job_dir(self.job_id(native))
+        if _supervisor_died(d):  # what it started may still run, out of everyone's reach
+            end_leftovers(d)
+
+    def _cancel_existing(self, native: str) -> None:
+        d = self._job_dir(self.job_id(native))
         (d / "cancel").write_text(str(time.time()))
         pid = (_read_json(d / "job.json") or {}).get("supervisor_pid")
         if pid and pid_alive(pid):
@@ -251,8 +223,6 @@ def _pythonpath() -> str:
 
 def _check_program(spec: JobSpec, req: LocalRequest) -> None:
     """One-line errors before launching: a script or program that does not exist."""
-    from .torchrun import entrypoint
-
     cwd, stage = Path(req.cwd), spec.stage
     fix = f"fix stages.{stage}.run in capsule.yaml"
     if req.distributed:
@@ -270,34 +240,16 @@ def _check_program(spec: JobSpec, req: LocalRequest) -> None:
 
 
 # -- the supervisor (runs detached, one per job) ----------------------------------------------
-def job_result(returncode: int, output_tail: str, *, distributed: bool, cancelled: bool) -> tuple[JobState, int, str | None]:
-    """(state, exit code, reason) from how the command ended (pure).
-
-    torchrun exits 1 whatever a rank did; its summary names the rank and the real code.
-    """
-    code = shell_exit_code(returncode)
-    reason = None
-    if distributed and returncode != 0:
-        fr = failed_rank(output_tail)
-        if fr is not None:
-            rank, rcode, _ = fr
-            code = shell_exit_code(rcode)
-            if rcode == PREEMPTED_EXIT_CODE:
-                reason = f"preempted: rank {rank} saved a checkpoint and exited {PREEMPTED_EXIT_CODE}; rerun to resume"
-            elif rcode < 0:
-                reason = f"rank {rank} was killed by signal {-rcode} (exit code {code})"
-            else:
-                reason = f"rank {rank} failed with exit code {rcode}"
-    if returncode != 0 and reason is None and _PREEMPTED_LINE in output_tail:
-        code = PREEMPTED_EXIT_CODE
-        reason = f"preempted: the ranks saved a checkpoint and exited {code}; rerun to resume"
+def job_status(job_id: str, returncode: int, output: str, *, cancelled: bool) -> JobStatus:
+    """How the job's command ended (its return code, the end of its output) -> JobStatus (pure).
+    The supervisor records it in state.json."""
+    if returncode == 0 and not cancelled:
+        return JobStatus(job_id, JobState.SUCCEEDED, 0)
+    code, reason = explain_failure(returncode, output, tail_lines=0)  # the log is right here
     if cancelled:
-        return JobState.CANCELLED, code, reason or "cancelled"
-    if code == 0:
-        return JobState.SUCCEEDED, 0, None
-    if reason is None:
-        reason = f"exited with code {code}" if returncode >= 0 else f"killed by signal {-returncode}"
-    return JobState.FAILED, code, reason
+        return JobStatus(job_id, JobState.CANCELLED, code,
+                         reason if code == PREEMPTED_EXIT_CODE else "cancelled")
+    return JobStatus(job_id, JobState.FAILED if code else JobState.SUCCEEDED, code, reason if code else None)
 
 
 def supervise(job_dir: Path) -> int:
@@ -334,14 +286,15 @@ def supervise(job_dir: Path) -> int:
         rc, text, pid = _run_once(job, env, log, job_dir, started, cancelled, current)
         if rc is None:  # could not start at all
             return 127
-        state, code, reason = job_result(rc, text, distributed=job["distributed"],
-                                         cancelled=cancelled["at"] is not None or (job_dir / "cancel").exists())
-        if state is not JobState.FAILED:
+        end = job_status(env["CAPSULE_JOB_ID"], rc, text,
+                         cancelled=cancelled["at"] is not None or (job_dir / "cancel").exists())
+        code = end.exit_code
+        if end.state is not JobState.FAILED:
             break
-    if reason:
-        log.write(f"[capsule] {state.value}: {reason}\n")
+    if end.reason:
+        log.write(f"[capsule] {end.state.value}: {end.reason}\n")
     log.close()
-    _write_json(job_dir / "state.json", {"state": state.value, "exit_code": code, "reason": reason,
+    _write_json(job_dir / "state.json", {"state": end.state.value, "exit_code": code, "reason": end.reason,
                                           "pid": pid, "started_at": started, "finished_at": time.time()})
     return code
 

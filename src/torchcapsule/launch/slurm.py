@@ -12,16 +12,15 @@ import math
 import re
 import shlex
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
 from ..config import ENV_KEY_RE, GpuRequest, Project, SlurmTarget, duration_text
 from ..errors import BackendError, JobNotFound
 from . import _proc
-from ._command import explain_failure, nproc, shell_join, stage_argv
-from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus
-from .torchrun import stage_env
+from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus, timestamp
+from .command import shell_join, stage_command
+from .failure import explain_failure
 
 COMMENT = "torchcapsule"
 
@@ -139,15 +138,15 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
         raise BackendError(f"sbatch directive {bad[:80]!r} spans lines; refused")
     lines = ["#!/bin/bash", *(f"#SBATCH {x}" for x in d), "set -euo pipefail"]
     c = target.container
-    n = nproc(spec)
     if c is None:
         # The project's own environment: its bin dir holds python, torchrun and the project's tools.
         lines.append(f'export PATH={shlex.quote(str(Path(python).parent))}:"$PATH"')
-        env = stage_env(spec, nproc=n, cpu_count=spec.cpus)
-        host_python, launcher = python, (python, "-m", "torch.distributed.run")
-    else:
-        env = stage_env(spec, mounts={k: CONTAINER_MOUNTS[k] for k in spec.volumes}, nproc=n, cpu_count=spec.cpus)
-        host_python, launcher = "python3", ("torchrun",)  # the project's interpreter is in the image
+        host_python, launcher, seen_at = python, (python, "-m", "torch.distributed.run"), None
+    else:  # the project's interpreter is in the image
+        host_python, launcher, seen_at = "python3", ("torchrun",), {k: CONTAINER_MOUNTS[k] for k in spec.volumes}
+    inner, env = stage_command(spec, python=python if c is None else "python", launcher=launcher,
+                               rdzv_endpoint="$head_node:$port", rdzv_id="$SLURM_JOB_ID",
+                               mounts=seen_at, cpu_count=spec.cpus)
     for k, v in env.items():
         if not ENV_KEY_RE.fullmatch(k):  # pasted unquoted: only a plain name may get here
             raise BackendError(f"env key {k[:80]!r} is not a variable name; refused")
@@ -166,8 +165,6 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
     # Several nodes: each output line starts with its node's task number ("1: ..."), so the one
     # log tells the nodes apart.
     srun = ["srun", "--kill-on-bad-exit=1", *(["--label"] if spec.nodes > 1 else [])]
-    inner = stage_argv(spec, rdzv_endpoint="$head_node:$port", rdzv_id="$SLURM_JOB_ID",
-                       launcher=launcher, python=host_python if c is None else "python")
     if c is not None:
         image = c.image or spec.image
         mounts = ",".join(f"{h}:{CONTAINER_MOUNTS[k]}" for k, h in spec.volumes.items())
@@ -218,7 +215,7 @@ def parse_record(line: str) -> dict[str, str]:
     return out
 
 
-def status_of(rec: dict[str, str], job_id: str, log_tail: str = "") -> JobStatus:
+def job_status(rec: dict[str, str], job_id: str, log_tail: str = "") -> JobStatus:
     """A scontrol record -> JobStatus (pure)."""
     raw = rec.get("JobState", "")
     state = SLURM_STATES.get(raw, JobState.UNKNOWN)
@@ -233,19 +230,9 @@ def status_of(rec: dict[str, str], job_id: str, log_tail: str = "") -> JobStatus
     if state is JobState.FAILED:
         if code == 0:
             code = None  # failed without an exit status (node failure, timeout): do not read 0
-        code, why = explain_failure(code, log_tail)
-        bits = [f"Slurm state {raw}", reason or "", why or ""]
-        tail = "\n".join(log_tail.splitlines()[-20:])
-        reason = "; ".join(b for b in bits if b) + (f"\n{tail}" if tail else "")
+        code, reason = explain_failure(code, log_tail, context=(f"Slurm state {raw}", reason))
     return JobStatus(job_id, state, code, reason, name=rec.get("JobName"),
-                     started_at=_ts(rec.get("StartTime")), finished_at=_ts(rec.get("EndTime")))
-
-
-def _ts(text: str | None) -> float | None:
-    try:
-        return datetime.fromisoformat(text).timestamp() if text else None
-    except ValueError:
-        return None  # "Unknown", "None"
+                     started_at=timestamp(rec.get("StartTime")), finished_at=timestamp(rec.get("EndTime")))
 
 
 class SlurmBackend(Backend):
@@ -295,8 +282,8 @@ class SlurmBackend(Backend):
             raise BackendError(f"sbatch refused the job: {_proc.first_line(r.stderr)}")
         return self.job_id(r.stdout.strip().split(";")[0])
 
-    def _native(self, job_id: str) -> str:
-        native = job_id.partition(":")[2] if job_id.startswith(f"{self.name}:") else job_id
+    def native(self, job_id: str) -> str:
+        native = super().native(job_id)
         if not native.isdigit():
             raise JobNotFound(f"'{job_id}' is not a Slurm job id (slurm:NUMBER); see `capsule jobs list`")
         return native
@@ -326,15 +313,15 @@ class SlurmBackend(Backend):
                 "StartTime": start, "EndTime": end}
 
     def status(self, job_id: str) -> JobStatus:
-        native = self._native(job_id)
+        native = self.native(job_id)
         rec = self._record(native)
         tail = ""
         if SLURM_STATES.get(rec.get("JobState", "")) is JobState.FAILED and rec.get("StdOut"):
             tail = _proc.tail(Path(rec["StdOut"]), 80)
-        return status_of(rec, self.job_id(native), tail)
+        return job_status(rec, self.job_id(native), tail)
 
     def logs(self, job_id: str, *, follow: bool = False) -> Iterator[str]:
-        native = self._native(job_id)
+        native = self.native(job_id)
         out = self._record(native).get("StdOut")
         if not out:
             raise JobNotFound(f"Slurm job {native} has no output file recorded; it was not started by torchcapsule")
@@ -348,9 +335,7 @@ class SlurmBackend(Backend):
             return
         yield from _proc.follow_file(path, lambda: self.status(job_id).state.terminal)
 
-    def cancel(self, job_id: str) -> None:
-        native = self._native(job_id)
-        self._record(native)  # JobNotFound before scancel's own wording
+    def _cancel_existing(self, native: str) -> None:
         r = _proc.run(["scancel", native], timeout=30)
         if r.returncode != 0 and "already completing or completed" not in r.stderr:
             raise BackendError(f"scancel {native} failed: {_proc.first_line(r.stderr)}")
@@ -361,5 +346,5 @@ class SlurmBackend(Backend):
         for line in r.stdout.splitlines():
             rec = parse_record(line)
             if rec.get("Comment") == COMMENT and "JobId" in rec:
-                out.append(status_of(rec, self.job_id(rec["JobId"])))
+                out.append(job_status(rec, self.job_id(rec["JobId"])))
         return out

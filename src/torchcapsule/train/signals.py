@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .dist import collective_device
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL; the same value as launch.torchrun.PREEMPTED_EXIT_CODE
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL; the same value as launch.failure.PREEMPTED_EXIT_CODE
 _RANKS = 1 << 16  # a signal and the rank that got it, packed in one int so one MAX reduces both
 
 

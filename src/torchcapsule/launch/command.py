@@ -1,11 +1,12 @@
-"""The torchrun command line and environment for a stage (pure: no processes, no probing).
+"""What a stage runs as: its argv and environment, for every backend (pure: no processes, no probing).
 
-Shared by every backend that starts torchrun: local runs it directly, docker runs it inside
-the container, slurm puts it in the batch script (one torchrun per node via srun). The caller
-decides the effects (which port is free, how many GPUs the machine has); this module turns
-those facts plus a JobSpec into argv and env.
+The one reading of a stage's `run:`. A `distributed: ddp` stage runs under torchrun (one launcher
+per node, `nproc(spec)` ranks each); any other stage runs its command as written, except that
+`python`/`python3` mean the stage's interpreter and a `*.py` script gets it put in front. Each
+backend says where things are (its interpreter, its rendezvous, its volume mounts) and calls
+`stage_command`; the caller decides the effects (which port is free, how many GPUs there are).
 
-    torchrun_command(spec, nproc_per_node=2, rdzv_endpoint="127.0.0.1:41234")
+    stage_command(spec, rdzv_endpoint="127.0.0.1:41234")[0]
     -> ["torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
         "--rdzv_endpoint", "127.0.0.1:41234", "--rdzv_id", "digits-train", "--max_restarts", "2",
         ..., "train.py", "--epochs", "30"]
@@ -13,6 +14,7 @@ those facts plus a JobSpec into argv and env.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path, PurePath
 from typing import Mapping, Sequence
 
@@ -21,9 +23,8 @@ from .api import JobSpec
 
 # Interpreter names a stage's `run` may start with ("python train.py" == "train.py").
 _PYTHONS = ("python", "python3") + tuple(f"python3.{m}" for m in range(8, 20))
-# Exit code of a rank that saved a checkpoint on SIGTERM (torchcapsule.train.signals): the
-# job was preempted, not broken; a requeued run resumes from the checkpoint. 75 = EX_TEMPFAIL.
-PREEMPTED_EXIT_CODE = 75
+RDZV_PORT = 29500  # Kubernetes only: the headless Service needs a port known in advance
+LOCAL_RDZV = "localhost:0"  # one node: c10d binds a free port itself (what --standalone does)
 
 
 def entrypoint(command: Sequence[str], *, stage: str = "?") -> list[str]:
@@ -53,14 +54,27 @@ def entrypoint(command: Sequence[str], *, stage: str = "?") -> list[str]:
     return argv
 
 
-def nproc_per_node(spec: JobSpec, *, gpus_visible: int) -> int:
-    """Processes per node: one per requested GPU; on a CPU-only request one per requested CPU.
+def program_argv(command: Sequence[str], *, python: str) -> list[str]:
+    """A non-ddp stage's argv: as written, but `python`/`python3` is `python` (the stage's
+    interpreter: the venv's here, the image's in a container) and `x.py ...` runs with it."""
+    argv = list(command)
+    if argv and argv[0] in _PYTHONS:
+        return [python, *argv[1:]]
+    return [python, *argv] if argv and argv[0].endswith(".py") else argv
+
+
+def nproc(spec: JobSpec, *, gpus_visible: int | None = None) -> int:
+    """Ranks per node: one per requested GPU; on a CPU-only request one per requested CPU; 1 for a
+    non-ddp stage. gpus_visible: what this machine has (local runs); None when the backend's
+    resource request (docker --gpus, Slurm gres, Kubernetes limits) grants the count asked for.
 
     Raises BackendError before anything starts when the machine has fewer GPUs than asked.
     """
+    if spec.distributed != "ddp":
+        return 1
     want = spec.gpus.count
     if want > 0:
-        if want > gpus_visible:
+        if gpus_visible is not None and want > gpus_visible:
             have = f"{gpus_visible} GPU" + ("" if gpus_visible == 1 else "s")
             raise BackendError(
                 f"stage '{spec.stage}' asks for {want} GPUs per node but this machine has {have}; "
@@ -80,7 +94,7 @@ def torchrun_command(
     spec: JobSpec,
     *,
     nproc_per_node: int,
-    rdzv_endpoint: str,
+    rdzv_endpoint: str | None,
     nnodes: int | None = None,
     node_rank: int | None = None,
     rdzv_id: str | None = None,
@@ -90,32 +104,54 @@ def torchrun_command(
     """The full torchrun argv for a ddp stage.
 
     rdzv_endpoint: "host:port" of the c10d rendezvous (the caller picks a free port at launch;
-    never a fixed 29500 that collides with another job). nnodes defaults to spec.nodes.
-    node_rank is only for static launchers that know it (c10d assigns ranks itself).
-    log_dir: where torchrun keeps per-rank stdout/stderr (--tee 3 also streams them to the
-    console with a `[rankN]:` prefix, N being the local rank).
+    never a fixed 29500 that collides with another job). None: an operator (Kubeflow) sets the
+    rendezvous and node count through PET_* variables and restarts failed pods itself.
+    nnodes defaults to spec.nodes. node_rank is only for static launchers that know it (c10d
+    assigns ranks itself). log_dir: where torchrun keeps per-rank stdout/stderr (--tee 3 also
+    streams them to the console with a `[rankN]:` prefix, N being the local rank).
     launcher: e.g. (sys.executable, "-m", "torch.distributed.run") to pin the interpreter.
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
     n = spec.nodes if nnodes is None else nnodes
-    argv = [
-        *launcher,
-        "--nnodes", str(n),
-        "--nproc_per_node", str(nproc_per_node),
-        "--rdzv_backend", "c10d",
-        "--rdzv_endpoint", rdzv_endpoint,
-        "--rdzv_id", rdzv_id or spec.name,
-        "--max_restarts", str(spec.retries),
-        # `--role rank` makes torchrun's console prefix read "[rank0]:" instead of "[default0]:".
-        "--role", "rank",
-        "--tee", "3",
-    ]
-    if node_rank is not None:
-        argv += ["--node_rank", str(node_rank)]
-    if log_dir is not None:
-        argv += ["--log_dir", log_dir]
+    opts = {"--nnodes": n, "--nproc_per_node": nproc_per_node, "--rdzv_backend": "c10d",
+            "--rdzv_endpoint": rdzv_endpoint, "--rdzv_id": rdzv_id or spec.name,
+            "--max_restarts": spec.retries,
+            # `--role rank` makes torchrun's console prefix read "[rank0]:" instead of "[default0]:".
+            "--role": "rank", "--tee": 3, "--node_rank": node_rank, "--log_dir": log_dir}
+    if rdzv_endpoint is None:
+        opts = {"--nproc_per_node": nproc_per_node, "--role": "rank", "--tee": 3}
+    argv = list(launcher)
+    for k, v in opts.items():
+        if v is not None:
+            argv += [k, str(v)]
     return argv + entrypoint(spec.command, stage=spec.stage)
+
+
+def stage_command(
+    spec: JobSpec,
+    *,
+    python: str = "python",
+    launcher: Sequence[str] = ("torchrun",),
+    rdzv_endpoint: str | None = LOCAL_RDZV,
+    rdzv_id: str | None = None,
+    log_dir: str | None = None,
+    gpus_visible: int | None = None,
+    mounts: Mapping[str, str] | None = None,
+    cpu_count: int | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of a stage on a backend: every backend's one way from a stage to its process.
+
+    python: the stage's interpreter where the job runs; launcher: how torchrun is started there;
+    rdzv_endpoint/rdzv_id/log_dir: see torchrun_command; gpus_visible: see nproc; mounts and
+    cpu_count: see stage_env.
+    """
+    n = nproc(spec, gpus_visible=gpus_visible)
+    env = stage_env(spec, mounts=mounts, nproc=n, cpu_count=cpu_count)
+    if spec.distributed != "ddp":
+        return program_argv(spec.command, python=python), env
+    return torchrun_command(spec, nproc_per_node=n, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
+                            log_dir=log_dir, launcher=launcher), env
 
 
 def capsule_env(spec: JobSpec, *, mounts: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -180,36 +216,6 @@ def stage_env(
     return env
 
 
-def failed_rank(torchrun_output: str) -> tuple[int, int, str | None] | None:
-    """(rank, exitcode, host) of the root-cause failure in torchrun's error summary, if it printed one.
-
-    torchrun exits 1 whatever the rank's code was; this recovers the real code:
-        rank      : 1 (local_rank: 1)
-        exitcode  : 3 (pid: 7511)
-    A rank killed by a signal shows a negative exitcode (-9).
-    """
-    import re
-
-    # Several nodes: one summary per node, lines prefixed by srun --label ("1: "). The root cause
-    # is a rank that exited by itself, not one killed (negative code) when the job was torn down.
-    found = None
-    for text in torchrun_output.split("Root Cause")[1:] or [torchrun_output]:
-        m_rank = re.search(r"^(?:\d+: )?\s*rank\s*:\s*(\d+)", text, re.M)
-        m_code = re.search(r"^(?:\d+: )?\s*exitcode\s*:\s*(-?\d+)", text, re.M)
-        m_host = re.search(r"^(?:\d+: )?\s*host\s*:\s*(\S+)", text, re.M)
-        if m_rank and m_code:
-            here = int(m_rank.group(1)), int(m_code.group(1)), m_host.group(1) if m_host else None
-            if found is None or (found[1] < 0 <= here[1]):
-                found = here
-    return found
-
-
-def shell_exit_code(code: int) -> int:
-    """A process's exit code as a shell reports it: killed by signal N -> 128 + N."""
-    return 128 - code if code < 0 else code
-
-
-__all__ = [
-    "PREEMPTED_EXIT_CODE", "capsule_env", "entrypoint", "failed_rank", "nproc_per_node",
-    "omp_threads", "shell_exit_code", "stage_env", "torchrun_command",
-]
+def shell_join(argv: Sequence[str]) -> str:
+    """shlex.join, except that words holding "$" stay expandable (double-quoted)."""
+    return " ".join(f'"{a}"' if "$" in a else shlex.quote(a) for a in argv)
