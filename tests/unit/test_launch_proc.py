@@ -86,3 +86,26 @@ def test_explain_failure_tail_is_the_last_lines():
     code, reason = explain_failure(2, log, context=("NonZeroExitCode",))
     assert reason.splitlines()[0] == "NonZeroExitCode; exited with code 2"
     assert reason.splitlines()[1:] == [f"line {i}" for i in range(30, 50)]
+
+
+def test_preempted_ranks_that_saved_end_cancelled_75_on_every_backend():
+    """SIGTERM from outside (Slurm preemption or time limit, a Kubernetes eviction, a signal to
+    torchrun) with ranks that checkpointed: CANCELLED 75 as docs/training.md says, never FAILED."""
+    from torchcapsule.launch import JobState, docker, kubernetes, local, slurm
+
+    log = "[rank1]: torchcapsule: preempted by signal 15 on rank 1; rank 1 exiting 75\n" + SUMMARY.format(code=75)
+    seen = {
+        "local": local.job_status("local:x", 1, log, cancelled=False),
+        "docker": docker.job_status({"State": {"Status": "exited", "ExitCode": 1}}, "docker:x", cancelled=False, log=log),
+        "slurm": slurm.job_status({"JobState": "FAILED", "ExitCode": "1:0"}, "slurm:7", log_tail=log),
+        "kubernetes": kubernetes.job_status(
+            {"metadata": {"name": "x"}, "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]}},
+            [], "kubernetes:x", log=log),
+    }
+    for name, st in seen.items():
+        assert (st.state, st.exit_code) == (JobState.CANCELLED, 75), (name, st)
+        assert st.reason.startswith("preempted: rank 1 on node-2 saved a checkpoint") or \
+            "; preempted: rank 1 on node-2 saved a checkpoint" in st.reason, (name, st.reason)
+    # a real failure stays FAILED with the rank's own code
+    st = local.job_status("local:x", 1, SUMMARY.format(code=3), cancelled=False)
+    assert (st.state, st.exit_code) == (JobState.FAILED, 3)

@@ -21,7 +21,7 @@ from ..errors import BackendError, JobNotFound
 from . import _proc
 from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus, timestamp
 from .command import stage_command
-from .failure import explain_failure
+from .failure import ended_state, explain_failure
 
 LABEL = "torchcapsule.job"
 
@@ -137,6 +137,7 @@ def job_status(info: dict, job_id: str, *, cancelled: bool, log: str = "") -> Jo
                 reason = "killed by the kernel: out of memory (raise resources.memory)"
             # failed without an exit status: never report 0
             code, reason = explain_failure(code or None, log, context=(reason,))
+            state = ended_state(code)
     name = info.get("Name", "").lstrip("/")
     return JobStatus(job_id, state, code, reason, name=((info.get("Config") or {}).get("Labels") or {}).get(LABEL, name),
                      started_at=timestamp(st.get("StartedAt")), finished_at=timestamp(st.get("FinishedAt")))

@@ -10,6 +10,7 @@ import re
 from typing import Iterable
 
 from ..errors import rank_cause
+from .api import JobState
 
 # Exit code of a rank that saved a checkpoint on SIGTERM (torchcapsule.train.signals): the
 # job was preempted, not broken; a requeued run resumes from the checkpoint. 75 = EX_TEMPFAIL.
@@ -74,3 +75,10 @@ def explain_failure(code: int | None, log: str = "", *, context: Iterable[str | 
     reason = "; ".join(c for c in (*context, why) if c) or "failed"
     tail = "\n".join(log.splitlines()[-tail_lines:]) if tail_lines and log else ""
     return code, reason + (f"\n{tail}" if tail.strip() else "")
+
+
+def ended_state(code: int | None) -> JobState:
+    """The state of a job that ended without succeeding, from its explained exit code (pure):
+    ranks that saved a checkpoint on SIGTERM (75: preemption, a time limit, a signal from outside
+    that was not `capsule jobs cancel`) were stopped, not broken: CANCELLED, and a rerun resumes."""
+    return JobState.CANCELLED if code == PREEMPTED_EXIT_CODE else JobState.FAILED

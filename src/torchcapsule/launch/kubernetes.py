@@ -19,7 +19,7 @@ from ..config import GpuRequest, KubernetesTarget, Project
 from ..errors import BackendError, JobNotFound
 from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus, timestamp
 from .command import RDZV_PORT, nproc, stage_command
-from .failure import explain_failure
+from .failure import ended_state, explain_failure
 
 GROUP = "torchcapsule.io"
 JOB_LABEL = f"{GROUP}/job"
@@ -274,6 +274,7 @@ def job_status(obj: dict[str, Any], pods: list[dict[str, Any]], job_id: str, log
     code, messages = terminated(pods) if state.terminal else (None, "")
     if state is JobState.FAILED:
         code, reason = explain_failure(code or None, "\n".join(x for x in (messages, log) if x), context=(reason,))
+        state = ended_state(code)
     return JobStatus(job_id, state, code, reason, name=meta.get("name"),
                      started_at=timestamp(st.get("startTime")), finished_at=timestamp(st.get("completionTime")))
 

@@ -36,7 +36,7 @@ from ..errors import BackendError, CheckpointBusy, JobNotFound
 from .api import Backend, DryRun, JobSpec, JobState, JobStatus
 from ._proc import pid_alive
 from .command import entrypoint, stage_command
-from .failure import PREEMPTED_EXIT_CODE, explain_failure
+from .failure import PREEMPTED_EXIT_CODE, ended_state, explain_failure
 
 CANCEL_GRACE_S = 30.0  # SIGTERM first (ranks save a checkpoint), SIGKILL after this
 LOG_CHUNK = 1 << 16  # output is copied and streamed in pieces of at most this many bytes/characters
@@ -249,7 +249,7 @@ def job_status(job_id: str, returncode: int, output: str, *, cancelled: bool) ->
     if cancelled:
         return JobStatus(job_id, JobState.CANCELLED, code,
                          reason if code == PREEMPTED_EXIT_CODE else "cancelled")
-    return JobStatus(job_id, JobState.FAILED if code else JobState.SUCCEEDED, code, reason if code else None)
+    return JobStatus(job_id, ended_state(code) if code else JobState.SUCCEEDED, code, reason if code else None)
 
 
 def supervise(job_dir: Path) -> int:

@@ -20,7 +20,7 @@ from ..errors import BackendError, JobNotFound
 from . import _proc
 from .api import CONTAINER_MOUNTS, Backend, DryRun, JobSpec, JobState, JobStatus, timestamp
 from .command import shell_join, stage_command
-from .failure import explain_failure
+from .failure import ended_state, explain_failure
 
 COMMENT = "torchcapsule"
 
@@ -231,6 +231,7 @@ def job_status(rec: dict[str, str], job_id: str, log_tail: str = "") -> JobStatu
         if code == 0:
             code = None  # failed without an exit status (node failure, timeout): do not read 0
         code, reason = explain_failure(code, log_tail, context=(f"Slurm state {raw}", reason))
+        state = ended_state(code)
     return JobStatus(job_id, state, code, reason, name=rec.get("JobName"),
                      started_at=timestamp(rec.get("StartTime")), finished_at=timestamp(rec.get("EndTime")))
 
