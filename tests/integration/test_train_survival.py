@@ -210,3 +210,38 @@ def test_ctrl_c_exits_130_or_75_once_the_ranks_saved(tmp_path):
     rest = p.stderr.read()
     assert code == (75 if _events(project, "preempted") else 130), rest
     assert "Traceback" not in rest
+
+
+def test_disk_full_ends_with_its_cause_and_leaves_no_partial_checkpoint(tmp_path):
+    """A full models volume: the last line names the cause (the rank's own one-liner, not
+    `rank 0 failed with exit code 1`), and no partial checkpoint stays on the full volume."""
+    import subprocess
+
+    import yaml
+
+    from tests.conftest import missing_part
+
+    project = example_copy(tmp_path, epochs=3)
+    cfg = project / "capsule.yaml"
+    data = yaml.safe_load(cfg.read_text())
+    data["stages"]["train"]["retries"] = 0  # the volume stays full: one attempt says it all
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    models = project / "models"
+    models.mkdir()
+    # 48 KiB: the lock file fits, the first checkpoint (~70 KiB of weights and state) does not
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(models)],
+                       capture_output=True, text=True)
+    if m.returncode != 0:
+        missing_part(f"a small tmpfs for the full volume (mount: {m.stderr.strip()}; needs root)")
+    try:
+        r = capsule(project, tmp_path, "run", "train")
+        assert r.returncode == 1, r.stdout[-3000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert "rank 0 failed" in last and ": no space left on device writing" in last, r.stderr
+        assert "ckpt-000000020" in last and "free space there" in last
+        job = last.split("(", 1)[1].split(")", 1)[0]
+        st = _status(project, tmp_path, job)
+        assert st["state"] == "FAILED" and "no space left on device" in st["reason"], st
+        assert not list(models.rglob(".tmp-ckpt-*")) and not list(models.rglob("ckpt-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(models)], check=False)
