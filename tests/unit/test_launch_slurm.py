@@ -270,3 +270,19 @@ def test_a_container_runtime_pulls_the_project_image_and_gets_told_which(project
     assert f"--container-image={pinned}" in script and f"export CAPSULE_IMAGE={pinned}" in script
     host = render_script(job_spec(project, "train", image=pinned), project.targets.slurm, python="/p/bin/python")
     assert "CAPSULE_IMAGE" not in host  # on the host: lineage says "not in the image"
+
+
+@pytest.mark.parametrize("time,lead", [("02:00:00", 120), ("10", 60), ("20:00", 120), ("9", None), ("2", None)])
+def test_requeue_signal_leaves_time_before_the_limit_and_never_loops(project, time, lead):
+    """Slurm may send --signal up to 60 s early: a short limit gets no requeue trap (it would
+    requeue at once, every time); Slurm's SIGTERM at the limit still makes the ranks save."""
+    from torchcapsule.launch.slurm import signal_lead
+
+    script = render_script(job_spec(project, "train"), SlurmTarget(time=time), python="/p/bin/python")
+    d = directives(script)
+    assert "time" in d
+    if lead is None:
+        assert "signal" not in d and "scontrol requeue" not in script
+    else:
+        assert d["signal"] == f"B:USR1@{lead}" and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert signal_lead(SlurmTarget(time=time).time) == lead

@@ -12,6 +12,7 @@ import math
 import re
 import shlex
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -51,8 +52,14 @@ SLURM_STATES: dict[str, JobState] = {
     "TIMEOUT": JobState.FAILED,
 }
 
-# Seconds before the time limit at which the batch shell is told to requeue (checkpoint first).
-SIGNAL_LEAD_S = 120
+def signal_lead(time_limit: timedelta | None) -> int | None:
+    """Seconds before the time limit at which the batch shell is told to requeue (checkpoint
+    first): a tenth of the limit, at most 120 s. Slurm may signal up to 60 s early, so a limit
+    under 10 minutes gets no requeue (it could fire at once, every time: a requeue loop); Slurm's
+    SIGTERM at the limit still makes the ranks checkpoint (CANCELLED 75), and a rerun resumes."""
+    if not time_limit or time_limit < timedelta(minutes=10):
+        return None
+    return min(120, int(time_limit.total_seconds()) // 10)
 
 
 def _mem_directive(nbytes: int) -> str:
@@ -126,7 +133,9 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
         d.append(f"--mem={_mem_directive(spec.memory_bytes)}")
     time_limit = spec.time_limit or target.time
     if time_limit:
-        d += [f"--time={duration_text(time_limit)}", f"--signal=B:USR1@{SIGNAL_LEAD_S}"]
+        d.append(f"--time={duration_text(time_limit)}")
+    if signal_lead(time_limit):
+        d.append(f"--signal=B:USR1@{signal_lead(time_limit)}")
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(target, key):
             d.append(f"--{key}={getattr(target, key)}")
@@ -178,9 +187,9 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
             srun += ["apptainer", "exec", *(["--nv"] if spec.gpus.count else []),
                      "--bind", mounts, "--pwd", workdir, image]
     step = shell_join(srun + inner)
-    if time_limit:
+    if signal_lead(time_limit):
         lines += [
-            # USR1 comes SIGNAL_LEAD_S before the time limit: requeue; Slurm then SIGTERMs the
+            # USR1 comes signal_lead() before the time limit: requeue; Slurm then SIGTERMs the
             # ranks (they save a checkpoint) and the job restarts later from that checkpoint.
             "trap 'echo \"torchcapsule: time limit near: requeueing from the last checkpoint\"; "
             "scontrol requeue \"$SLURM_JOB_ID\"' USR1",
