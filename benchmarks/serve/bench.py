@@ -88,13 +88,13 @@ def server_cmd(kind: str, model_dir: Path | None, port: int) -> list[str]:
 
 
 class Running:
-    def __init__(self, kind: str, model_dir: Path | None, log: Path) -> None:
+    def __init__(self, kind: str, model_dir: Path | None, log: Path, extra: list[str] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1/predict"
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.log = log.open("w")
         # its own session, so LitServe's worker processes stop with it
-        self.proc = subprocess.Popen(server_cmd(kind, model_dir, self.port), stdout=self.log,
+        self.proc = subprocess.Popen([*server_cmd(kind, model_dir, self.port), *extra], stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             self._wait_ready(kind, log)
