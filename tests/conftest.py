@@ -16,6 +16,21 @@ EXAMPLE = REPO / "examples" / "digits"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+_MLFLOW_ENV = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_do_not_leak():
+    """MLflow's set_tracking_uri also writes $MLFLOW_TRACKING_URI into os.environ: an in-process
+    test against one store (a server it then stops) must not point every later test at it."""
+    yield
+    for k, v in _MLFLOW_ENV.items():  # as the session began (a module fixture may have leaked too)
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def missing_part(reason: str) -> None:
     """Fail under CI, skip elsewhere, with the reason either way."""
     if IN_CI:
