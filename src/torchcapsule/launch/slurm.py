@@ -134,8 +134,9 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
     time_limit = spec.time_limit or target.time
     if time_limit:
         d.append(f"--time={duration_text(time_limit)}")
-    if signal_lead(time_limit):
-        d.append(f"--signal=B:USR1@{signal_lead(time_limit)}")
+    lead = signal_lead(time_limit)
+    if lead:
+        d.append(f"--signal=B:USR1@{lead}")
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(target, key):
             d.append(f"--{key}={getattr(target, key)}")
