@@ -248,7 +248,10 @@ def test_rerun_after_a_killed_pipeline_never_runs_a_second_job_beside_the_orphan
             _wait(lambda: (p / "slow.pid").exists() or rerun.poll() is not None, "the new slow stage")
             assert not _alive(orphan)
         else:
-            _wait(lambda: _stage_job(p, "slow") == old_job or rerun.poll() is not None, "the rerun to adopt")
+            # the killed run's own record names old_job too: wait for the rerun's record to name
+            # it, else HOLD goes before the rerun looked and the orphan ends unadopted
+            _wait(lambda: _rerun_adopted(p, killed["run_id"], old_job) or rerun.poll() is not None,
+                  "the rerun to adopt")
         (p / "HOLD").unlink()
         out, err = rerun.communicate(timeout=180)
     finally:
@@ -267,6 +270,11 @@ def test_rerun_after_a_killed_pipeline_never_runs_a_second_job_beside_the_orphan
 
 def _stage_job(p: Path, name: str) -> str | None:
     return next(s["job_id"] for s in _status(p)["stages"] if s["name"] == name)
+
+
+def _rerun_adopted(p: Path, killed_run: str, job: str) -> bool:
+    rec = _status(p)
+    return rec["run_id"] != killed_run and any(s["name"] == "slow" and s["job_id"] == job for s in rec["stages"])
 
 
 def _wait(predicate, what: str, timeout: float = 120) -> None:
