@@ -1,7 +1,8 @@
 """Training runs in a real MLflow store: the digits training through `capsule run` becomes one run
 with its curve, params and lineage, and `capsule models register` links the version to it; a
-restarted logger continues the same run at its step; a store that is down never fails training
-and what it missed arrives once it is back (`capsule ui` serves the store over HTTP)."""
+restarted logger continues the same run at its step; a store that is down or slow never fails
+nor holds up the training (close() does not wait for it) and what it missed arrives through the
+launcher's catch-up once it is back (`capsule ui` serves the store over HTTP)."""
 from __future__ import annotations
 
 import json
@@ -79,36 +80,70 @@ def test_digits_training_is_one_run_with_curve_lineage_and_source_version(digits
 
 
 _LOGGER = textwrap.dedent("""
-    import sys
+    import json, sys
     from torchcapsule.train import MetricsLogger
     path, uri, first, last, event = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     m = MetricsLogger(path, rank=0, tracking_uri=uri, params={"lr": 0.1})
+    follower = m._follower
     m.event(event, first - 1)
     for step in range(first, last + 1):
         m.log(step, loss=1.0 / step)
     m.event("finished", last)
     m.close()
+    print(json.dumps({"follower_running_after_close": follower is not None and follower.poll() is None}))
 """)
 
 
-def _train(tmp_path: Path, jsonl: Path, uri: str, first: int, last: int, event: str, **env: str):
+def _train(tmp_path: Path, jsonl: Path, uri: str, first: int, last: int, event: str, *, timeout: float = 600,
+           **env: str) -> dict:
+    """The stub training, then the launcher's catch-up (as `capsule run` does once the job ends).
+    Returns what the stub saw after close()."""
+    from torchcapsule.registry import tracking
+
     script = tmp_path / "train_stub.py"
     script.write_text(_LOGGER)
-    # a fresh SQLite store's migrations take tens of seconds on a loaded 2-core machine: the
-    # follower gets all the time it needs to finish before close() returns
+    # a new SQLite store's migrations take tens of seconds on a loaded 2-core machine: close()
+    # waits for them (only them), so that they are never cut
     env = {"CAPSULE_TRACKING_FLUSH_TIMEOUT": "300", **env}
     r = subprocess.run([sys.executable, str(script), str(jsonl), uri, str(first), str(last), event],
-                       env=_env(**env), capture_output=True, text=True, timeout=600)
+                       env=_env(**env), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr
-    return r
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _spec(logs: Path, uri: str):
+    from torchcapsule.launch.api import JobSpec
+
+    vols = {v: logs.parent / v for v in ("workspace", "data", "models", "logs")}
+    vols["logs"] = logs
+    return JobSpec(project="p", stage="train", command=("train.py",), image="img", workdir=logs.parent,
+                   volumes=vols, tracking={"CAPSULE_TRACKING_URI": uri})
+
+
+def _follower_done(jsonl: Path, deadline_s: float = 300) -> str:
+    """The follower's last line in its log: it runs on after close(), in the background."""
+    import time
+
+    log = jsonl.with_name("metrics-train.tracking.log")
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        text = log.read_text() if log.exists() else ""
+        if "tracking: done" in text:
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"the follower never finished within {deadline_s:.0f}s: {log} says {text[-2000:]!r}")
 
 
 def test_resumed_training_continues_the_same_run_at_its_step(tmp_path, mlflow_installed):
+    from torchcapsule.registry.tracking import catch_up_job
+
     uri = f"sqlite:///{tmp_path}/store/mlflow.db"
     jsonl = tmp_path / "logs" / "metrics-train.jsonl"
     _train(tmp_path, jsonl, uri, 1, 20, "started")
+    assert catch_up_job(_spec(jsonl.parent, uri)) == []
     first = json.loads((tmp_path / "logs" / "metrics-train.mlflow.json").read_text())["run_id"]
     _train(tmp_path, jsonl, uri, 21, 40, "resumed")
+    assert catch_up_job(_spec(jsonl.parent, uri)) == []
     state = json.loads((tmp_path / "logs" / "metrics-train.mlflow.json").read_text())
     assert state["run_id"] == first and state["offset"] == jsonl.stat().st_size
     client = _client(uri)
@@ -116,6 +151,7 @@ def test_resumed_training_continues_the_same_run_at_its_step(tmp_path, mlflow_in
     assert client.get_run(first).info.status == "FINISHED"
     # a new training ("started") is a new run
     _train(tmp_path, jsonl, uri, 1, 5, "started")
+    assert catch_up_job(_spec(jsonl.parent, uri)) == []
     second = json.loads((tmp_path / "logs" / "metrics-train.mlflow.json").read_text())["run_id"]
     assert second != first and len(client.get_metric_history(second, "loss")) == 5
 
@@ -128,12 +164,14 @@ def test_store_down_never_fails_training_and_catches_up_when_back(tmp_path, mlfl
     port = free_port()
     server = f"http://127.0.0.1:{port}"
     jsonl = tmp_path / "logs" / "metrics-train.jsonl"
-    # nothing listens on the port: the follower fails, backs off, and gives up at close
-    _train(tmp_path, jsonl, server, 1, 50, "started", CAPSULE_TRACKING_FLUSH_TIMEOUT="5",
-           CAPSULE_REGISTRY_PROBE_TIMEOUT="1")
+    # nothing listens on the port: the follower fails and backs off; close() does not wait for it
+    # (it retries for 20 s after the training's end, in the background)
+    seen = _train(tmp_path, jsonl, server, 1, 50, "started", CAPSULE_REGISTRY_PROBE_TIMEOUT="1")
+    assert seen["follower_running_after_close"]
     assert len(_records(jsonl)) == 52  # the JSONL has everything
+    assert tracking.catch_up_job(_spec(jsonl.parent, server))[0].startswith(f"{jsonl}: metrics not sent to MLflow yet")
+    assert "cannot reach MLflow tracking server" in _follower_done(jsonl)
     assert tracking.pending_bytes(jsonl) == jsonl.stat().st_size
-    assert "cannot reach MLflow tracking server" in (tmp_path / "logs" / "metrics-train.tracking.log").read_text()
 
     # the store comes back: `capsule ui` serves the project's embedded store on that port
     proj = tmp_path / "proj"
@@ -144,7 +182,7 @@ def test_store_down_never_fails_training_and_catches_up_when_back(tmp_path, mlfl
     try:
         line = ui.stdout.readline()
         assert line.startswith(f"MLflow UI: {server}"), line + ui.stderr.read()
-        notes = tracking.catch_up(tmp_path / "logs", server)
+        notes = tracking.catch_up_job(_spec(tmp_path / "logs", server))
         assert notes == []
         run_id = tracking.run_id_of(jsonl)
         assert [s for s, _ in tracking.metric_history(server, run_id, "loss")] == list(range(1, 51))
@@ -157,6 +195,34 @@ def test_store_down_never_fails_training_and_catches_up_when_back(tmp_path, mlfl
         import socket
 
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_close_does_not_wait_for_a_slow_store_and_the_launcher_catch_up_sends_the_rest(tmp_path, mlflow_installed):
+    """The store is busy for the whole training (another writer holds the SQLite store's lock):
+    close() returns at once, the training exits, and once the store is free the launcher's
+    catch_up_job and the follower's own last sync deliver every step exactly once."""
+    from torchcapsule.registry import tracking
+    from torchcapsule.registry.store import writer_lock
+
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    _client(uri).search_experiments()  # an existing store: close() owes no migration a wait
+    jsonl = tmp_path / "logs" / "metrics-train.jsonl"
+    with writer_lock(uri):
+        # close() waiting on the blocked follower at all would wait FLUSH_TIMEOUT = 600 s, far
+        # past this call's own limit: the training exiting in time is what is asserted
+        seen = _train(tmp_path, jsonl, uri, 1, 200, "started", timeout=240, CAPSULE_TRACKING_FLUSH_TIMEOUT="600")
+        assert seen["follower_running_after_close"]
+        assert tracking.pending_bytes(jsonl) == jsonl.stat().st_size  # nothing reached the store
+    assert tracking.catch_up_job(_spec(jsonl.parent, uri)) == []
+    assert tracking.pending_bytes(jsonl) == 0
+    run_id = tracking.run_id_of(jsonl)
+    client = _client(uri)
+    assert [s for s, _ in tracking.metric_history(uri, run_id, "loss")] == list(range(1, 201))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # the follower finishes on its own afterwards and sends nothing twice (one run, one point a step)
+    assert "0 bytes left" in _follower_done(jsonl)
+    assert [s for s, _ in tracking.metric_history(uri, run_id, "loss")] == list(range(1, 201))
+    assert [r.info.run_id for r in client.search_runs([client.get_run(run_id).info.experiment_id])] == [run_id]
 
 
 def test_pipeline_sends_what_a_stage_could_not_send_itself(tmp_path, mlflow_installed):

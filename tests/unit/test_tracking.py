@@ -100,3 +100,45 @@ def test_curve_is_the_last_training_and_its_run_url(tmp_path):
         {"run_id": "abc", "experiment_id": "3", "tracking_uri": "sqlite:////x/mlflow.db"}))
     assert training_curve(tmp_path, "train").url == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
     assert training_curve(tmp_path, "evaluate") is None
+
+
+class _Recorder:
+    """The MlflowClient calls _apply makes, recorded (no store: this is the pure replay logic)."""
+
+    def __init__(self):
+        self.runs, self.points, self.ended = [], [], []
+
+    def create_run(self, exp_id, start_time, tags, run_name):
+        from types import SimpleNamespace
+
+        self.runs.append(start_time)
+        return SimpleNamespace(info=SimpleNamespace(run_id=f"run{len(self.runs)}"))
+
+    def log_batch(self, run_id, metrics=(), params=()):
+        self.points += [(run_id, m.key, m.step) for m in metrics]
+
+    def set_terminated(self, run_id, status, end_time):
+        self.ended.append((run_id, status))
+
+    def update_run(self, run_id, status):
+        pass
+
+
+def test_a_sync_redone_after_a_kill_reopens_no_run(tmp_path, monkeypatch, mlflow_installed):
+    """A sync killed after opening the run but before saving its offset is redone from the old
+    offset: the "started" line finds the run it opened (saved at once), so there is one run; the
+    points go to it again and the SQL store drops the copies (same key, step, time and value)."""
+    monkeypatch.setattr("torchcapsule.registry.mlflow._experiment", lambda client, name, loc: "1")
+    jsonl = tmp_path / "metrics-train.jsonl"
+    todo = tracking.actions([{"event": "started", "step": 0, "time": 1}, {"step": 1, "time": 2, "loss": 0.5},
+                             {"event": "finished", "step": 1, "time": 3}])
+    client, st, saved = _Recorder(), {}, []
+    tracking._apply(client, st, todo, jsonl, save=lambda: saved.append(dict(st)))
+    assert saved and saved[0]["run_id"] == "run1" and saved[0]["run_start_ms"] == 1000
+    redo = dict(saved[0])  # the state as the killed sync left it on disk
+    tracking._apply(client, redo, todo, jsonl)
+    assert client.runs == [1000] and redo["run_id"] == "run1"
+    assert {p[0] for p in client.points} == {"run1"} and client.ended == [("run1", "FINISHED")] * 2
+    # a later "started" line (another start time) is a new training: a new run
+    tracking._apply(client, redo, tracking.actions([{"event": "started", "step": 0, "time": 9}]), jsonl)
+    assert client.runs == [1000, 9000] and redo["run_id"] == "run2"

@@ -11,8 +11,14 @@ current one at its step (a restart or a resume continues the same curve), "preem
 KILLED until it resumes, "finished" ends it. A file without events gets one run.
 
 The follower (`python -m torchcapsule.registry.tracking follow ...`) is the process that rank 0
-of a training starts: it syncs every second and once more when its stdin closes, in its own
-process, so the training step never waits on the store nor shares the GIL with MLflow.
+of a training starts: it syncs every 5 s and once more when its stdin closes, in its own process
+at the lowest CPU priority, so the training step never waits on the store nor shares the GIL or a
+busy core with MLflow. The training's close() does not wait for it: a tail the follower cannot send
+(a store down, a container that ends) is sent by the launcher's catch_up_job after the job.
+
+Sending twice is harmless, so a sync killed halfway is simply redone: the state is written right
+after a run is opened (a re-sent "started" line finds its run by its start time), and MLflow's SQL
+store drops a metric point it already has (same key, step, timestamp and value).
 mlflow is imported only inside functions (with registry/mlflow.py, the modules that import it).
 """
 from __future__ import annotations
@@ -254,7 +260,7 @@ def sync(jsonl: str | Path, uri: str, *, context: dict[str, Any] | None = None,
         lock = writer_lock(uri) if store_lock else contextlib.nullcontext()
         with lock, _errors(uri), contextlib.redirect_stdout(sys.stderr):
             client = _client(uri)
-            points = _apply(client, st, todo, jsonl)
+            points = _apply(client, st, todo, jsonl, save=lambda: _write_state(jsonl, st))
         st["offset"] += used
         st["tracking_uri"] = uri
         _write_state(jsonl, st)
@@ -294,7 +300,7 @@ def _open_run(client: Any, st: dict[str, Any], jsonl: Path, start_ms: int, step:
     return run.info.run_id
 
 
-def _apply(client: Any, st: dict[str, Any], todo: list[Action], jsonl: Path) -> int:
+def _apply(client: Any, st: dict[str, Any], todo: list[Action], jsonl: Path, save=lambda: None) -> int:
     from mlflow.entities import Metric, RunStatus
 
     points = 0
@@ -307,11 +313,15 @@ def _apply(client: Any, st: dict[str, Any], todo: list[Action], jsonl: Path) -> 
         pending = []
 
     for a in todo:
+        if a.kind == "open" and st.get("run_id") and st.get("run_start_ms") == a.time_ms:
+            continue  # this "started" line opened the run already (a sync killed before its state was saved)
         if a.kind == "open" or st.get("run_id") is None:
             flush()
             if st.get("run_id") and st.get("open"):  # a new training began before the last one ended
                 client.set_terminated(st["run_id"], "KILLED", end_time=a.time_ms)
             st["run_id"], st["open"] = _open_run(client, st, jsonl, a.time_ms, a.step), True
+            st["run_start_ms"] = a.time_ms
+            save()  # a redone sync must find this run, not open a second one
             if a.kind == "open":
                 continue
         if a.kind == "metrics":
@@ -347,23 +357,27 @@ def run_url(uri: str, run_id: str, experiment_id: str | None = None, *, ui: str 
 
 # -- the follower process ------------------------------------------------------------------------
 def follow(jsonl: Path, uri: str, *, context: dict[str, Any], artifact_location: str | None,
-           interval: float = 1.0, final_timeout: float = 20.0) -> int:
+           interval: float = 5.0, final_timeout: float = 20.0) -> int:
     """Sync every INTERVAL seconds until stdin closes (the training ended or died), then flush.
 
     A failing store backs off (up to 30 s) and is retried; nothing here ever stops the training.
+    Every sync costs a fixed part (the store's run lookups, the state file) on top of its points:
+    a few large batches cost the training's cores less than many small ones.
     """
+    import resource
     import select
 
     from ..errors import CapsuleError
 
-    with contextlib.suppress(OSError):
-        os.nice(5)  # the training has the CPU first
+    _lowest_priority()
     delay, closed, deadline = interval, False, None
     system = None
+    sent = 0
     while True:
         try:
             res = sync(jsonl, uri, context=context, artifact_location=artifact_location)
             context = {}
+            sent += res.points
             delay = interval
             if system is None and res.run_id and os.environ.get("CAPSULE_SYSTEM_METRICS", "1") != "0":
                 system = _system_metrics(res.run_id, uri)
@@ -383,7 +397,20 @@ def follow(jsonl: Path, uri: str, *, context: dict[str, Any], artifact_location:
     if system is not None:
         with contextlib.suppress(Exception):
             system.finish()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"tracking: done, {sent} points sent, {ru.ru_utime + ru.ru_stime:.2f} s CPU, "
+          f"{pending_bytes(jsonl)} bytes left for the next sync", file=sys.stderr, flush=True)
     return 0
+
+
+def _lowest_priority() -> None:
+    """The training has the CPU first: the follower runs only on a core the training leaves idle
+    (SCHED_IDLE on Linux, else nice 19)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
+    with contextlib.suppress(OSError):
+        os.nice(19)
 
 
 def _system_metrics(run_id: str, uri: str) -> Any:
@@ -412,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uri", required=True)
     p.add_argument("--context", default="{}")
     p.add_argument("--artifacts", default=None)
-    p.add_argument("--interval", type=float, default=float(os.environ.get("CAPSULE_TRACKING_INTERVAL", "1")))
+    p.add_argument("--interval", type=float, default=float(os.environ.get("CAPSULE_TRACKING_INTERVAL", "5")))
     args = p.parse_args(argv)
     ctx = json.loads(args.context)
     if args.command == "sync":

@@ -6,11 +6,14 @@ a resumed run continues the same file after a `{"event": "resumed", "step": N}` 
 Tracking: when the launcher set $CAPSULE_TRACKING_URI (every `capsule run`), rank 0 also starts
 a follower process (torchcapsule.registry.tracking) that sends the file's new lines to an MLflow
 run in batches. The training step only writes its line: it never waits on the store, and a store
-that is down just leaves the lines in the file for a later sync.
+that is down just leaves the lines in the file for a later sync. close() does not wait for the
+store either: the follower sends the tail in the background, and the launcher's catch-up after the
+job (registry/tracking.catch_up_job) sends whatever it could not, without sending anything twice.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import subprocess
@@ -35,6 +38,7 @@ class MetricsLogger:
         self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self._fh = None
         self._follower: subprocess.Popen | None = None
+        self._fresh_store = False
         if self.rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self.path, "a", buffering=1)  # line-buffered: tail -f works
@@ -60,6 +64,7 @@ class MetricsLogger:
             write_context(self.path, context)
         except OSError:
             pass
+        self._fresh_store = _fresh_sqlite(uri)
         argv = [sys.executable, "-m", "torchcapsule.registry.tracking", "follow", str(self.path),
                 "--uri", uri, "--context", json.dumps(context, default=str)]
         if os.environ.get("CAPSULE_TRACKING_ARTIFACTS"):
@@ -86,21 +91,30 @@ class MetricsLogger:
             self._fh.write(json.dumps(record, default=_plain) + "\n")
 
     def close(self, flush_timeout_s: float | None = None) -> None:
-        """Close the file; wait up to $CAPSULE_TRACKING_FLUSH_TIMEOUT s (default 30) for the
-        follower's last sync. A follower still busy then is left to finish on its own (it is in
-        its own session): killing it mid-write could leave a half-migrated SQLite store."""
+        """Close the file and tell the follower the training ended (EOF on its stdin), without
+        waiting for the store: the follower sends the tail in its own session, and the launcher's
+        catch-up after the job (`capsule run`, `capsule pipeline run`) sends what it could not.
+
+        The one wait: a follower creating a new embedded store (its first schema migration) gets
+        up to $CAPSULE_TRACKING_FLUSH_TIMEOUT s (default 30), since a container or Slurm step that
+        ends kills it and a half-migrated SQLite store would not open again. flush_timeout_s:
+        wait that long for the follower's last sync in any case (a notebook with no launcher)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
         proc, self._follower = self._follower, None
         if proc is None:
             return
-        timeout = float(os.environ.get("CAPSULE_TRACKING_FLUSH_TIMEOUT", "30")) if flush_timeout_s is None else flush_timeout_s
-        try:
+        with contextlib.suppress(OSError):
             proc.stdin.close()  # EOF: the follower does its last sync and exits
-            proc.wait(timeout=timeout)
+        if flush_timeout_s is None:
+            flush_timeout_s = float(os.environ.get("CAPSULE_TRACKING_FLUSH_TIMEOUT", "30")) if self._fresh_store else 0.0
+        if flush_timeout_s <= 0:
+            return
+        try:
+            proc.wait(timeout=flush_timeout_s)
         except subprocess.TimeoutExpired:
-            print(f"torchcapsule: metrics tracking still sending after {timeout:.0f}s; it finishes in "
+            print(f"torchcapsule: metrics tracking still sending after {flush_timeout_s:.0f}s; it finishes in "
                   f"the background (pid {proc.pid}), and what it cannot send waits in {self.path}",
                   file=sys.stderr)
 
@@ -109,6 +123,17 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _fresh_sqlite(uri: str) -> bool:
+    """An embedded store the follower would create (no file yet): its migrations must not be cut."""
+    from ..registry.store import sqlite_path
+
+    db = sqlite_path(uri)
+    try:
+        return db is not None and db.stat().st_size == 0
+    except OSError:
+        return True
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
