@@ -369,7 +369,7 @@ def follow(jsonl: Path, uri: str, *, context: dict[str, Any], artifact_location:
 
     from ..errors import CapsuleError
 
-    _lowest_priority()
+    lowest_priority()  # again: a follower started by hand, or a platform without it
     delay, closed, deadline = interval, False, None
     system = None
     sent = 0
@@ -403,14 +403,14 @@ def follow(jsonl: Path, uri: str, *, context: dict[str, Any], artifact_location:
     return 0
 
 
-def _lowest_priority() -> None:
-    """The training has the CPU first: the follower runs only on a core the training leaves idle
-    (SCHED_IDLE on Linux, else nice 19)."""
+def lowest_priority(pid: int = 0) -> None:
+    """The training has the CPU first: the follower (PID, 0: this process) runs only on a core
+    the training leaves idle (SCHED_IDLE on Linux, else nice 19)."""
     with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
         return
-    with contextlib.suppress(OSError):
-        os.nice(19)
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
 
 
 def _system_metrics(run_id: str, uri: str) -> Any:

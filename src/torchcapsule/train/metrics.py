@@ -58,7 +58,7 @@ class MetricsLogger:
             context["project"] = os.environ["CAPSULE_PROJECT"]
         if params:
             context["params"] = {str(k): str(v) for k, v in params.items()}
-        from ..registry.tracking import write_context  # stdlib only: no mlflow here
+        from ..registry.tracking import lowest_priority, write_context  # stdlib only: no mlflow here
 
         try:  # whichever sync opens the run (this follower, or the host's later) reads it
             write_context(self.path, context)
@@ -77,6 +77,7 @@ class MetricsLogger:
         except OSError as e:  # no follower: the lines stay in the file for a later sync
             print(f"torchcapsule: metrics tracking not started ({e}); {self.path} keeps them", file=sys.stderr)
             return None
+        lowest_priority(proc.pid)  # now, so its interpreter's start-up runs idle too
         atexit.register(self.close)  # Preemption.exit() and plain returns flush the follower too
         return proc
 
