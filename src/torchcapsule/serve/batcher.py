@@ -109,7 +109,9 @@ class Batcher:
             # A full queue refuses new requests: run a batch now, inline as the batcher would,
             # rather than a loop iteration or more later. Under overload every iteration also
             # reads and refuses the other connections, so iterations per batch set the goodput.
-            self._run_inline(self._take())
+            batch = self._take()
+            if batch:  # empty if every queued item expired meanwhile
+                self._run_inline(batch)
             return fut
         wake = self._wake
         if wake is not None and not wake.done():
