@@ -5,8 +5,8 @@ Why two layers: FastAPI + pydantic costs ~250 us of Python per request on these 
 So /v1/predict is handled here directly: read the body (413 past the limit), decode and
 validate it with msgspec against the handler's Request type (400/422 naming the field),
 queue it for the batcher (504 past the timeout; a full queue is refused earlier, by `screen`,
-from the HTTP protocol, see protocol.py) and write the
-encoded answer with the x-model-version header. FastAPI serves /healthz, /readyz, /metrics,
+called from the HTTP protocol, see protocol.py) and write the encoded answer with the
+x-model-version header. FastAPI serves /healthz, /readyz, /metrics,
 /v1/models, /docs and an OpenAPI schema that includes /v1/predict, built from the same
 msgspec types.
 """
