@@ -72,6 +72,8 @@ def limited_protocol(max_bytes: int = MAX_HEADER_BYTES, max_count: int = MAX_HEA
             super().connection_lost(exc)
 
         def _arm(self, when: float) -> None:
+            # An armed timer is never later than `when`: a connection's deadlines only move
+            # later (a head after the last; the idle deadline only after its last head).
             if self._timer is None:
                 self._timer = self.loop.call_at(when, self._check_deadlines)
 
