@@ -108,7 +108,7 @@ def test_dry_run_prints_the_docker_argv(project, image):
 
     argv = shlex.split(r.stdout)
     assert argv[:3] == ["docker", "run", "--detach"] and image in argv
-    assert argv[argv.index(image) + 1:][:1] == ["torchrun"]
+    assert argv[argv.index(image) + 1:][:3] == ["python", "-m", "torchcapsule.launch.torchrun"]
 
 
 def test_bad_input_is_one_line_with_the_fix(project):

@@ -115,7 +115,7 @@ def test_tampered_weights_are_refused(tmp_path):
     t0 = time.monotonic()
     r = run_capsule("serve", str(model), "--port", "0", cwd=tmp_path, timeout=120,
                     env={"PYTHONPATH": str(REPO / "src")})
-    assert r.returncode == 1 and "does not match the recorded" in r.stderr, r.stderr
+    assert r.returncode == 1 and "sha256 mismatch" in r.stderr, r.stderr
     assert time.monotonic() - t0 < 60
 
 

@@ -97,7 +97,7 @@ def test_reload_switches_versions_without_a_failed_request(tmp_path):
         assert "broken on purpose" in rejected[0]["error"]
         publish(current, tampered)  # weights do not match meta.json's checksum
         rejected = wait_event(s.url, "rejected", 2)
-        assert "does not match the recorded" in rejected[1]["error"]
+        assert "sha256 mismatch" in rejected[1]["error"]
         time.sleep(0.5)
         assert {v for _, v in traffic.seen[-20:]} == {"2"}
         assert httpx.get(s.url + "/readyz").json()["version"] == "2"

@@ -18,7 +18,7 @@ def test_train_two_ranks_then_evaluate(tmp_path):
 
     dry = capsule(project, tmp_path, "run", "train", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "torch.distributed.run" in dry.stdout and "--nproc_per_node 2" in dry.stdout
+    assert "-m torchcapsule.launch.torchrun" in dry.stdout and "--nproc_per_node 2" in dry.stdout
     assert "--max_restarts 2" in dry.stdout and "CAPSULE_MODELS_DIR=" in dry.stdout
     port = int(re.search(r"--rdzv_endpoint 127\.0\.0\.1:(\d+)", dry.stdout).group(1))
     assert port != 29500

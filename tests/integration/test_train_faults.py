@@ -56,6 +56,9 @@ def test_sigterm_saves_checkpoint_and_next_run_resumes(tmp_path):
     st = json.loads(capsule(project, tmp_path, "jobs", "status", job, "--json").stdout)
     log = capsule(project, tmp_path, "jobs", "logs", job).stdout
     assert st["state"] == "CANCELLED" and st["exit_code"] == 75, f"{st}\n{log[-4000:]}"
+    # torchrun (launch/torchrun.py) ends in one line, not SignalException's traceback
+    assert "torchcapsule: torchrun got SIGTERM; the ranks saved a checkpoint; exit 75" in log, log[-4000:]
+    assert "Traceback" not in log and "SignalException" not in log, log[-4000:]
     for f in (project / "logs" / "pids").glob("rank-*.pid"):  # no rank outlives its job
         assert not running(int(f.read_text())), f.name
     preempted = _events(project, "preempted")

@@ -107,6 +107,33 @@ def _pids(project):
     return [int(f.read_text()) for f in (project / "logs" / "pids").glob("rank-*.pid")]
 
 
+def test_sigterm_to_the_ranks_only_ends_the_job_preempted_without_spending_a_retry(tmp_path):
+    """Slurm's signal to the step or a `kill` reaches the ranks, not torchrun: they save and exit 75.
+    Plain torchrun counted that as a failure and restarted them (retries: 2 in the example)."""
+    import signal
+
+    project = example_copy(tmp_path, epochs=400)
+    job = _run_detached(project, tmp_path)
+    wait_for(_began(project, 1), 180, "training to start")
+    for pid in _pids(project):
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: _status(project, tmp_path, job)["state"] in ("CANCELLED", "FAILED", "SUCCEEDED"),
+             180, "the job to stop")
+    st = _status(project, tmp_path, job)
+    log = capsule(project, tmp_path, "jobs", "logs", job).stdout
+    assert (st["state"], st["exit_code"]) == ("CANCELLED", 75), f"{st}\n{log[-4000:]}"
+    step = _events(project, "preempted")[-1]["step"]
+    assert f"ckpt-{step:09d}" in checkpoints(project)
+    # one attempt: no restart, no resume, no retraining from the checkpoint just saved
+    assert "not restarting the ranks" in log and "will restart worker group" not in log, log[-4000:]
+    assert len(_events(project, "started")) == 1 and not _events(project, "resumed")
+    attempts = {p.name for p in (project / "logs" / "jobs" / job.partition(":")[2]).glob("*/attempt_*")}
+    assert attempts == {"attempt_0"}, attempts
+    assert "Traceback" not in log and "SignalException" not in log, log[-4000:]
+    for pid in _pids(project):
+        assert not running(pid)
+
+
 def test_ranks_die_with_a_killed_supervisor_after_saving_a_checkpoint(tmp_path):
     import signal
 

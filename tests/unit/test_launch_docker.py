@@ -44,7 +44,8 @@ def test_train_argv_runs_two_ranks_as_host_user_with_volumes(project):
     assert env["CAPSULE_MODELS_DIR"] == "/models" and env["CAPSULE_STAGE"] == "train"
     labels = dict(e.split("=", 1) for e in _opt(opts, "--label"))
     assert labels["torchcapsule.job"] == "digits-train" and labels["torchcapsule.project"] == "digits"
-    assert cmd[0] == "torchrun" and cmd[cmd.index("--nproc_per_node") + 1] == "2"
+    assert cmd[:3] == ["python", "-m", "torchcapsule.launch.torchrun"]  # the image's venv python
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
     assert cmd[-3:] == ["train.py", "--epochs", "30"]
     assert not any(a.startswith("--restart") for a in opts)  # ddp retries happen inside torchrun
 

@@ -54,7 +54,8 @@ def test_one_node_is_a_single_job_with_resources_shm_and_non_root(project):
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
     cmd = c["command"]
-    assert cmd[0] == "torchrun" and cmd[cmd.index("--nproc_per_node") + 1] == "2"
+    assert cmd[:3] == ["python", "-m", "torchcapsule.launch.torchrun"]
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
     assert cmd[cmd.index("--rdzv_endpoint") + 1] == "localhost:0"
 
 

@@ -60,7 +60,7 @@ def test_train_script_one_torchrun_per_node_with_rendezvous(project):
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     assert "port=$(/opt/venv/bin/python -c" in script
     last = script.strip().splitlines()[-1]
-    assert last.startswith("exec srun --kill-on-bad-exit=1 /opt/venv/bin/python -m torch.distributed.run ")
+    assert last.startswith("exec srun --kill-on-bad-exit=1 /opt/venv/bin/python -m torchcapsule.launch.torchrun ")
     assert '--rdzv_endpoint "$head_node:$port"' in last and "--nproc_per_node 2" in last
     assert last.endswith("train.py --epochs 30")
     assert "export PATH=/opt/venv/bin:" in script
@@ -92,7 +92,7 @@ def test_targets_and_time_limit(project):
 
 @pytest.mark.parametrize("runtime,expect", [
     ("pyxis", ["--container-image=img:1", "--container-mounts=", "--container-workdir=/workspace"]),
-    ("apptainer", ["srun --kill-on-bad-exit=1 apptainer exec --bind ", "--pwd /workspace docker://img:1 torchrun"]),
+    ("apptainer", ["srun --kill-on-bad-exit=1 apptainer exec --bind ", "--pwd /workspace docker://img:1 python -m torchcapsule.launch.torchrun"]),
 ])
 def test_container_runtimes(project, runtime, expect):
     spec = job_spec(project, "train")

@@ -51,7 +51,7 @@ def test_dryrun_text_is_the_exact_command(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     dr = LocalBackend().dryrun(job_spec(_project(tmp_path), "train"))
     req = dr.request
-    assert req.argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert req.argv[:3] == [sys.executable, "-m", "torchcapsule.launch.torchrun"]
     assert req.argv[req.argv.index("--nproc_per_node") + 1] == "2"
     assert req.argv[req.argv.index("--max_restarts") + 1] == "1"
     assert req.argv[-3:] == ["train.py", "--epochs", "2"]

@@ -44,8 +44,8 @@ def test_entrypoint_refuses_non_python(cmd, needle):
 
 def test_torchrun_command_full():
     argv = torchrun_command(spec(), nproc_per_node=2, rdzv_endpoint="127.0.0.1:41000", log_dir="/p/logs/x")
-    assert argv[0] == "torchrun"
-    opts = dict(zip(argv[1:-3:2], argv[2:-3:2]))
+    assert argv[:3] == ["python", "-m", "torchcapsule.launch.torchrun"]  # the image's python by default
+    opts = dict(zip(argv[3:-3:2], argv[4:-3:2]))
     assert opts["--nnodes"] == "1" and opts["--nproc_per_node"] == "2"
     assert opts["--rdzv_backend"] == "c10d" and opts["--rdzv_endpoint"] == "127.0.0.1:41000"
     assert opts["--max_restarts"] == "2" and opts["--rdzv_id"] == "digits-train"
@@ -54,10 +54,10 @@ def test_torchrun_command_full():
     assert "29500" not in " ".join(argv)
 
 
-def test_torchrun_command_multinode_and_launcher():
+def test_torchrun_command_multinode_and_interpreter():
     argv = torchrun_command(spec(nodes=4), nproc_per_node=8, rdzv_endpoint="node1:5000",
-                            node_rank=3, rdzv_id="job-7", launcher=("python", "-m", "torch.distributed.run"))
-    assert argv[:3] == ["python", "-m", "torch.distributed.run"]
+                            node_rank=3, rdzv_id="job-7", python="/opt/venv/bin/python")
+    assert argv[:3] == ["/opt/venv/bin/python", "-m", "torchcapsule.launch.torchrun"]
     assert argv[argv.index("--nnodes") + 1] == "4"
     assert argv[argv.index("--node_rank") + 1] == "3"
     assert argv[argv.index("--rdzv_id") + 1] == "job-7"

@@ -1,13 +1,14 @@
 """What a stage runs as: its argv and environment, for every backend (pure: no processes, no probing).
 
 The one reading of a stage's `run:`. A `distributed: ddp` stage runs under torchrun (one launcher
-per node, `nproc(spec)` ranks each); any other stage runs its command as written, except that
+per node, `nproc(spec)` ranks each), always as `python -m torchcapsule.launch.torchrun` (torchrun
+that ends a preempted job with 75 instead of restarting it, launch/torchrun.py); any other stage runs its command as written, except that
 `python`/`python3` mean the stage's interpreter and a `*.py` script gets it put in front. Each
 backend says where things are (its interpreter, its rendezvous, its volume mounts) and calls
 `stage_command`; the caller decides the effects (which port is free, how many GPUs there are).
 
     stage_command(spec, rdzv_endpoint="127.0.0.1:41234")[0]
-    -> ["torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+    -> ["python", "-m", "torchcapsule.launch.torchrun", "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
         "--rdzv_endpoint", "127.0.0.1:41234", "--rdzv_id", "digits-train", "--max_restarts", "2",
         ..., "train.py", "--epochs", "30"]
 """
@@ -25,6 +26,7 @@ from .api import JobSpec
 _PYTHONS = ("python", "python3") + tuple(f"python3.{m}" for m in range(8, 20))
 RDZV_PORT = 29500  # Kubernetes only: the headless Service needs a port known in advance
 LOCAL_RDZV = "localhost:0"  # one node: c10d binds a free port itself (what --standalone does)
+TORCHRUN = "torchcapsule.launch.torchrun"  # torchrun, run as `python -m` wherever torchcapsule is installed
 
 
 def entrypoint(command: Sequence[str], *, stage: str = "?") -> list[str]:
@@ -99,9 +101,9 @@ def torchrun_command(
     node_rank: int | None = None,
     rdzv_id: str | None = None,
     log_dir: str | None = None,
-    launcher: Sequence[str] = ("torchrun",),
+    python: str = "python",
 ) -> list[str]:
-    """The full torchrun argv for a ddp stage.
+    """The full torchrun argv for a ddp stage: `python -m torchcapsule.launch.torchrun ...`.
 
     rdzv_endpoint: "host:port" of the c10d rendezvous (the caller picks a free port at launch;
     never a fixed 29500 that collides with another job). None: an operator (Kubeflow) sets the
@@ -109,7 +111,7 @@ def torchrun_command(
     nnodes defaults to spec.nodes. node_rank is only for static launchers that know it (c10d
     assigns ranks itself). log_dir: where torchrun keeps per-rank stdout/stderr (--tee 3 also
     streams them to the console with a `[rankN]:` prefix, N being the local rank).
-    launcher: e.g. (sys.executable, "-m", "torch.distributed.run") to pin the interpreter.
+    python: the interpreter where the job runs (e.g. sys.executable locally; the image's `python`).
     """
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
@@ -121,7 +123,7 @@ def torchrun_command(
             "--role": "rank", "--tee": 3, "--node_rank": node_rank, "--log_dir": log_dir}
     if rdzv_endpoint is None:
         opts = {"--nproc_per_node": nproc_per_node, "--role": "rank", "--tee": 3}
-    argv = list(launcher)
+    argv = [python, "-m", TORCHRUN]
     for k, v in opts.items():
         if v is not None:
             argv += [k, str(v)]
@@ -132,7 +134,6 @@ def stage_command(
     spec: JobSpec,
     *,
     python: str = "python",
-    launcher: Sequence[str] = ("torchrun",),
     rdzv_endpoint: str | None = LOCAL_RDZV,
     rdzv_id: str | None = None,
     log_dir: str | None = None,
@@ -142,7 +143,7 @@ def stage_command(
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, env) of a stage on a backend: every backend's one way from a stage to its process.
 
-    python: the stage's interpreter where the job runs; launcher: how torchrun is started there;
+    python: the stage's interpreter where the job runs (it also starts torchrun for a ddp stage);
     rdzv_endpoint/rdzv_id/log_dir: see torchrun_command; gpus_visible: see nproc; mounts and
     cpu_count: see stage_env.
     """
@@ -151,7 +152,7 @@ def stage_command(
     if spec.distributed != "ddp":
         return program_argv(spec.command, python=python), env
     return torchrun_command(spec, nproc_per_node=n, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
-                            log_dir=log_dir, launcher=launcher), env
+                            log_dir=log_dir, python=python), env
 
 
 def capsule_env(spec: JobSpec, *, mounts: Mapping[str, str] | None = None) -> dict[str, str]:

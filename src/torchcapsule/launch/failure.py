@@ -1,8 +1,9 @@
 """Why a job failed, the same on every backend (pure): its exit code, the failing rank and node,
 the reason, and the tail of its log.
 
-torchrun exits 1 whatever a rank did; its error summary names the rank, its node and its own
-code, so the job reports the rank's code (a Kubernetes pod's torchrun included).
+torchrun exits 1 whatever a rank did (launch/torchrun.py: 75 when a rank saved a checkpoint); its
+error summary names the rank, its node and its own code, so the job reports the rank's code (a
+Kubernetes pod's torchrun included).
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ class LocalBackend(Backend):
         log = spec.log_dir / "jobs" / f"{native}.log"
         ddp = spec.distributed == "ddp"
         argv, env = stage_command(
-            spec, python=sys.executable, launcher=(sys.executable, "-m", "torch.distributed.run"),
+            spec, python=sys.executable,
             rdzv_endpoint=f"127.0.0.1:{free_port()}" if ddp else None, rdzv_id=native,
             log_dir=str(spec.log_dir / "jobs" / native), cpu_count=os.cpu_count(),
             gpus_visible=visible_gpus() if ddp and spec.gpus.count else None)

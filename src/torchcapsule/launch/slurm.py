@@ -151,10 +151,10 @@ def render_script(spec: JobSpec, target: SlurmTarget, *, python: str, gres: list
     if c is None:
         # The project's own environment: its bin dir holds python, torchrun and the project's tools.
         lines.append(f'export PATH={shlex.quote(str(Path(python).parent))}:"$PATH"')
-        host_python, launcher, seen_at = python, (python, "-m", "torch.distributed.run"), None
-    else:  # the project's interpreter is in the image
-        host_python, launcher, seen_at = "python3", ("torchrun",), {k: CONTAINER_MOUNTS[k] for k in spec.volumes}
-    inner, env = stage_command(spec, python=python if c is None else "python", launcher=launcher,
+        host_python, seen_at = python, None
+    else:  # the project's interpreter (and torchcapsule, which starts torchrun) is in the image
+        host_python, seen_at = "python3", {k: CONTAINER_MOUNTS[k] for k in spec.volumes}
+    inner, env = stage_command(spec, python=python if c is None else "python",
                                rdzv_endpoint="$head_node:$port", rdzv_id="$SLURM_JOB_ID",
                                mounts=seen_at, cpu_count=spec.cpus)
     for k, v in env.items():

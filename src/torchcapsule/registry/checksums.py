@@ -69,6 +69,15 @@ def verify(model_dir: Path, expected: dict[str, str], *, origin: str = "") -> No
                 f"{path}{where}: pickled content is refused (it could run code when loaded); "
                 "store weights as model.safetensors and register again"
             )
+    check_files(model_dir, expected, origin=origin)
+    if (model_dir / WEIGHTS).is_file():
+        check_safetensors_header(model_dir / WEIGHTS)
+
+
+def check_files(model_dir: Path, expected: dict[str, str], *, origin: str = "") -> int:
+    """Each recorded file exists and has its recorded sha256 (the one digest comparison: registry
+    pulls and serve loads both call it); returns how many were checked."""
+    where = f" ({origin})" if origin else ""
     for name, digest in sorted(expected.items()):
         path = model_dir / name
         if not path.is_file():
@@ -79,8 +88,7 @@ def verify(model_dir: Path, expected: dict[str, str], *, origin: str = "") -> No
                 f"{path}{where}: sha256 mismatch (recorded {digest[:12]}..., found {actual[:12]}...): "
                 "the file was modified after registration; pull it again or register a new version"
             )
-    if (model_dir / WEIGHTS).is_file():
-        check_safetensors_header(model_dir / WEIGHTS)
+    return len(expected)
 
 
 def write_checksums(model_dir: Path, digests: dict[str, str]) -> Path:

@@ -10,10 +10,9 @@ import importlib.util
 import itertools
 import math
 
-from .._util import sha256_file
-from ..errors import IntegrityError, ServeError
+from ..errors import ServeError
 # The model directory contract (files, meta.json, checksum listing) is the registry's: one definition.
-from ..registry.checksums import read_checksums
+from ..registry.checksums import check_files, read_checksums
 from ..registry.modeldir import ModelDir
 from ..registry.types import CODE, WEIGHTS
 
@@ -32,19 +31,9 @@ def expected_checksums(model: ModelDir) -> dict[str, str]:
 
 
 def verify_checksums(model: ModelDir) -> int:
-    """Refuse a file whose sha256 differs from the recorded one; returns how many were checked."""
-    checked = 0
-    for name, want in expected_checksums(model).items():
-        target = model.path / name
-        if not target.is_file():
-            raise IntegrityError(f"{target}: recorded in meta.json checksums but missing")
-        got = sha256_file(target)
-        if got != want:
-            raise IntegrityError(
-                f"{target}: sha256 {got[:12]}... does not match the recorded {want[:12]}...",
-                hint="the file was changed after it was recorded; re-download or re-train the model")
-        checked += 1
-    return checked
+    """Refuse a file whose sha256 differs from the recorded one; returns how many were checked.
+    A directory with nothing recorded (a local, never registered model) has nothing to check."""
+    return check_files(model.path, expected_checksums(model), origin="checksums recorded with the model")
 
 
 def import_model_code(model: ModelDir):

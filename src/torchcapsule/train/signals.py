@@ -65,7 +65,7 @@ class Preemption:
         me = os.environ.get("RANK", "0")
         sig, by = self._stop if self._stop is not None else (self.signum or 0, int(me))
         cleanup()
-        # A fixed line the local backend recognises (torchrun itself exits 1 when signalled).
+        # A fixed line the backends recognise when the launcher could not exit 75 itself (killed).
         print(f"torchcapsule: preempted by signal {sig} on rank {by}; rank {me} exiting {code} "
               "(rerun to resume from the checkpoint)", file=sys.stderr, flush=True)
         sys.stdout.flush()
