@@ -89,7 +89,7 @@ def test_two_nodes_are_two_containers_of_one_job_on_the_host_network(project):
         cmds.append(cmd)
     assert hostnames == ["digits-train-node0", "digits-train-node1"]
     # the same torchrun on each node (launch/command.py): N nodes meeting at one c10d rendezvous
-    assert cmds[0] == cmds[1] and cmds[0][0] == "torchrun"
+    assert cmds[0] == cmds[1] and cmds[0][:3] == ["python", "-m", "torchcapsule.launch.torchrun"]
     opts = _torchrun_opts(cmds[0])
     assert opts["--nnodes"] == "2" and opts["--nproc_per_node"] == "2" and opts["--rdzv_backend"] == "c10d"
     assert opts["--rdzv_endpoint"] == "127.0.0.1:41234" and opts["--rdzv_id"] == "digits-train-x"
