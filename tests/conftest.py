@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "digits"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+
+# Tests press Ctrl-C on the commands they start. A suite started in the background by a
+# non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored, and an ignored signal stays
+# ignored across exec, so those commands would never see it. A handler here is reset to the default
+# in every child at exec, where Python turns it into KeyboardInterrupt as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _MLFLOW_ENV = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 

@@ -6,8 +6,12 @@ One digits server with `--max-queue Q` (small) and one with the default queue (2
 127.0.0.1, one torch thread. Each run, per server: wrk -t2 -c256 -dDs --timeout 5s (the load the
 issue reported), while a probe client sends one request at a time and times each answer by its
 status. Then wrk -t1 -c32 (not overloaded) for the normal latency of an accepted request.
-Prints goodput (200s/s), 503s/s, timeouts, and the 503's own latency (probe): a full queue must
-answer 503 at once, and the accepted requests keep their normal latency.
+Prints goodput (200s/s), 503s/s, timeouts, and the 503's own latency: as the probe saw it (from
+sending to the answer, on a connection the server has accepted; a 503 closes the connection and
+the probe's wait to be accepted again is shown apart, "reconnect") and inside the server
+(capsule_request_duration_seconds for 503, from /metrics: from the parsed head to the written
+answer). A full queue must answer 503 at once, and the accepted requests keep their normal
+latency.
 """
 from __future__ import annotations
 
@@ -43,15 +47,39 @@ def wrk_counts(url: str, conns: int, threads: int, seconds: int) -> dict:
 
 
 def probe(url: str, body: dict, stop: threading.Event, out: dict) -> None:
-    """One request at a time; latency in ms per status code."""
+    """One request at a time; latency in ms per status code, each timed on a connection the
+    server has accepted. A 503 closes the connection: the probe then connects again and sends
+    GET /healthz first, timed apart ("reconnect": mostly the wait to be accepted, behind the
+    other refused clients that reconnect too)."""
+    health = url.replace("/v1/predict", "/healthz")
     with httpx.Client(timeout=10) as c:
+        closed = False
         while not stop.is_set():
+            if closed:
+                t0 = time.perf_counter()
+                try:
+                    c.get(health)
+                    out.setdefault("reconnect", []).append((time.perf_counter() - t0) * 1e3)
+                except httpx.TransportError:
+                    out.setdefault("error", []).append(float("nan"))
             t0 = time.perf_counter()
             try:
-                code = c.post(url, json=body).status_code
+                r = c.post(url, json=body)
+                code, closed = r.status_code, r.headers.get("connection") == "close"
             except httpx.TransportError:
-                code = "error"
+                code, closed = "error", True
             out.setdefault(code, []).append((time.perf_counter() - t0) * 1e3)
+
+
+def server_503(url: str) -> tuple[float, float]:
+    """(count, seconds) of the 503s the server answered, from its /metrics."""
+    text = httpx.get(url.replace("/v1/predict", "/metrics"), timeout=30).text
+    got = {}
+    for line in text.splitlines():
+        for key in ("count", "sum"):
+            if line.startswith(f'capsule_request_duration_seconds_{key}{{status="503"}}'):
+                got[key] = float(line.split()[-1])
+    return got.get("count", 0.0), got.get("sum", 0.0)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -78,29 +106,37 @@ def main() -> int:
                 seen: dict = {}
                 stop = threading.Event()
                 t = threading.Thread(target=probe, args=(s.url, body, stop, seen))
+                n0, s0 = server_503(s.url)
                 t.start()
                 r = wrk_counts(s.url, 256, 2, args.duration)
                 stop.set()
                 t.join()
+                n1, s1 = server_503(s.url)
                 calm = wrk_counts(s.url, 32, 1, args.duration)
                 row = {"server": label, "run": run + 1, **r, "calm_ok_per_s": calm["ok_per_s"],
                        "probe_200_p50": pct(seen.get(200, []), 0.5), "probe_200_p99": pct(seen.get(200, []), 0.99),
                        "probe_503_n": len(seen.get(503, [])), "probe_503_p50": pct(seen.get(503, []), 0.5),
-                       "probe_503_max": max(seen.get(503, [float("nan")])), "probe_errors": len(seen.get("error", []))}
+                       "probe_503_max": max(seen.get(503, [float("nan")])), "probe_errors": len(seen.get("error", [])),
+                       "reconnect_p50": pct(seen.get("reconnect", []), 0.5),
+                       "reconnect_max": max(seen.get("reconnect", [float("nan")])),
+                       "server_503_mean_us": (s1 - s0) / (n1 - n0) * 1e6 if n1 > n0 else float("nan")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
         for s in servers.values():
             s.stop()
     print(f"load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| server | c=256 goodput (200/s) | 503/s | timeouts | probe 200 p50 / p99 ms | probe 503 n, p50 / max ms | c=32 goodput |")
-    print("|---|---|---|---|---|---|---|")
+    print("| server | c=256 goodput (200/s) | 503/s | timeouts | probe 200 p50 / p99 ms | probe 503 n, p50 / max ms "
+          "| server 503 mean us | probe reconnect p50 / max ms | c=32 goodput |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label in servers:
         rs = [r for r in rows if r["server"] == label]
         med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
         print(f"| {label} | {med('ok_per_s'):,.0f} | {med('rejected_per_s'):,.0f} | {sum(r['timeouts'] for r in rs)} | "
               f"{med('probe_200_p50'):.1f} / {med('probe_200_p99'):.1f} | {sum(r['probe_503_n'] for r in rs)}, "
-              f"{med('probe_503_p50'):.2f} / {max(r['probe_503_max'] for r in rs):.1f} | {med('calm_ok_per_s'):,.0f} |")
+              f"{med('probe_503_p50'):.2f} / {max(r['probe_503_max'] for r in rs):.1f} | "
+              f"{med('server_503_mean_us'):.0f} | {med('reconnect_p50'):.1f} / {max(r['reconnect_max'] for r in rs):.1f} | "
+              f"{med('calm_ok_per_s'):,.0f} |")
     return 0
 
 

@@ -8,10 +8,32 @@ from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on now (the kernel picks it): rendezvous, test servers."""
+    """A TCP port nobody uses now, for a listener that another process binds later (a rendezvous,
+    a test server). Taken below the kernel's ephemeral range when there is room: a port the kernel
+    hands out (bind to 0) is the kind any outgoing connection may take before the listener binds
+    it, which happened on a machine busy with connections (c10d then waits out its timeout)."""
+    import random
+
+    low = _ephemeral_low()
+    if low > 10000:
+        for port in random.sample(range(10000, low), 64):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    """The first port of the kernel's ephemeral range (0 when unknown)."""
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

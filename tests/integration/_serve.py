@@ -38,6 +38,32 @@ def build_slow(sizes=(64, 32, 10), delay=0.05):
     return Slow(build_model(sizes), delay)
 '''
 
+# A forward held running for as long as a test needs: it touches `entered` when it starts and
+# waits while the file `hold` exists (the test removes it), so "a batch is running and the queue
+# is full" is a state the test creates and sees, not a timing.
+HELD_CODE = MLP_CODE + '''
+
+import os as _os
+import time as _time
+
+
+class Held(nn.Sequential):
+    def __init__(self, inner, hold, entered):
+        super().__init__(*inner)
+        self.hold = hold
+        self.entered = entered
+
+    def forward(self, x):
+        open(self.entered, "w").close()
+        while _os.path.exists(self.hold):
+            _time.sleep(0.01)
+        return super().forward(x)
+
+
+def build_held(sizes=(64, 32, 10), hold="", entered=""):
+    return Held(build_model(sizes), hold, entered)
+'''
+
 BROKEN_CODE = MLP_CODE + '''
 
 
@@ -57,6 +83,16 @@ def slow_model(dest: Path, delay: float, version: str = "slow") -> Path:
     meta = json.loads((d / "meta.json").read_text())
     meta["factory"] = "build_slow"
     meta["kwargs"]["delay"] = delay
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def held_model(dest: Path, hold: Path, entered: Path) -> Path:
+    import json
+    d = write_mlp_dir(dest, version="held", code=HELD_CODE)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["factory"] = "build_held"
+    meta["kwargs"].update(hold=str(hold), entered=str(entered))
     (d / "meta.json").write_text(json.dumps(meta))
     return d
 

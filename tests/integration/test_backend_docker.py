@@ -1,12 +1,16 @@
 """The Docker backend against the real local engine and the example's CPU image (built here with
 the real `capsule image build`): 2-rank DDP training as a non-root host user whose files land in
-the host's models directory, a failing stage, cancel, logs, dry run, bad input."""
+the host's models directory, a failing stage, cancel, logs, dry run, bad input; and `--nodes 2`
+(two containers of one job meeting over the host network): 2 x 2 training, one node's failing
+rank, cancel."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +123,133 @@ def test_bad_input_is_one_line_with_the_fix(project):
     assert r.returncode == 1 and "build it with `capsule image build`" in r.stderr
     r = run_capsule("run", "train", "--on", "docker", cwd=project, env={"DOCKER_HOST": "unix:///nonexistent.sock"})
     assert r.returncode == 1 and "start dockerd" in r.stderr and r.stderr.count("\n") == 1
+
+
+# --nodes 2: two containers on this machine, one job. One rank of the second node fails; every
+# other rank writes where it runs, then waits.
+NODE_SCRIPT = '''\
+import os, socket, sys, time
+from pathlib import Path
+mark = Path(os.environ["CAPSULE_LOGS_DIR"]) / "ranks"
+mark.mkdir(parents=True, exist_ok=True)
+(mark / f"rank{os.environ['RANK']}").write_text(socket.gethostname())
+if sys.argv[1] == "fail" and socket.gethostname().endswith("-node1") and os.environ["LOCAL_RANK"] == "1":
+    print(f"rank {os.environ['RANK']} fails on purpose on {socket.gethostname()}", flush=True)
+    sys.exit(7)
+time.sleep(600)
+'''
+NODE_STAGES = """\
+  nodefail:
+    run: node_stage.py fail
+    distributed: ddp
+    resources: {nodes: 2, cpus: 2}
+  nodesleep:
+    run: node_stage.py sleep
+    distributed: ddp
+    resources: {nodes: 2, cpus: 2}
+"""
+
+
+@pytest.fixture
+def nodes_project(project) -> Path:
+    (project / "node_stage.py").write_text(NODE_SCRIPT)
+    text = (project / "capsule.yaml").read_text()
+    (project / "capsule.yaml").write_text(text.replace("\nstages:\n", "\nstages:\n" + NODE_STAGES, 1))
+    return project
+
+
+def _containers(job_id: str) -> list[dict]:
+    group = job_id.split(":", 1)[1]
+    names = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=torchcapsule.group={group}"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    return json.loads(subprocess.run(["docker", "inspect", *names], capture_output=True, text=True,
+                                     check=True).stdout) if names else []
+
+
+def test_train_on_two_nodes_two_ranks_each(project):
+    from torchcapsule.config import load_project
+    from torchcapsule.launch.docker import DockerBackend
+    from torchcapsule.launch.spec import job_spec
+
+    p = load_project(project)
+    backend = DockerBackend(p, uid=HOST_UID, gid=HOST_GID)
+    job_id = backend.submit(job_spec(p, "train", nodes=2))
+    st = backend.wait(job_id, poll_s=1, timeout_s=900)
+    assert (st.state.value, st.exit_code) == ("SUCCEEDED", 0), "\n".join(backend.logs(job_id))[-3000:]
+    # one job, two containers, one per node, on the host network under their own names
+    infos = sorted(_containers(job_id), key=lambda i: i["Config"]["Labels"]["torchcapsule.node"])
+    assert [i["Config"]["Labels"]["torchcapsule.node"] for i in infos] == ["0", "1"]
+    assert [i["Config"]["Hostname"] for i in infos] == ["digits-train-node0", "digits-train-node1"]
+    assert {i["HostConfig"]["NetworkMode"] for i in infos} == {"host"}
+    meta = json.loads((project / "models" / "digits" / "meta.json").read_text())
+    assert meta["params"]["world_size"] == 4 and meta["metrics"]["accuracy"] >= 0.9
+    logs = run_capsule("jobs", "logs", job_id, cwd=project, check=True).stdout
+    # ranks 0..3 of one world, two per node, each line led by its node
+    ready = set(re.findall(r"(?m)^(\d): \[rank\d\]:rank (\d)/4 ready", logs))
+    assert {rank for _, rank in ready} == {"0", "1", "2", "3"}, logs[:3000]
+    assert {node for node, _ in ready} == {"0", "1"}
+    st = status(job_id, project)
+    assert (st["state"], st["exit_code"]) == ("SUCCEEDED", 0)
+    listed = json.loads(run_capsule("jobs", "list", "--on", "docker", "--json", cwd=project, check=True).stdout)
+    assert [j["job_id"] for j in listed["jobs"]].count(job_id) == 1
+
+
+def test_one_nodes_failing_rank_fails_the_job_and_stops_the_other_node(nodes_project):
+    r = run_capsule("run", "nodefail", "--on", "docker", cwd=nodes_project, timeout=600)
+    assert r.returncode == 7, r.stdout[-3000:] + r.stderr[-3000:]
+    job_id = job_id_in(r.stderr, "docker")
+    st = status(job_id, nodes_project)
+    assert (st["state"], st["exit_code"]) == ("FAILED", 7), st
+    assert st["reason"].startswith(f"node 1 ({job_id.split(':')[1]}-node1)"), st["reason"]
+    assert "rank 3 failed with exit code 7 on digits-nodefail-node1" in st["reason"], st["reason"]
+    # the first node's ranks waited on nothing the failure could break: the backend stopped them
+    assert {i["State"]["Status"] for i in _containers(job_id)} == {"exited"}
+
+
+def test_cancel_stops_both_nodes(nodes_project):
+    r = run_capsule("run", "nodesleep", "--on", "docker", "--detach", cwd=nodes_project, check=True)
+    job_id = r.stdout.strip()
+    marks = nodes_project / "logs" / "ranks"
+    deadline = time.monotonic() + 300
+    while len(list(marks.glob("rank*")) if marks.is_dir() else []) < 4:  # every rank of both nodes started
+        assert time.monotonic() < deadline, status(job_id, nodes_project)
+        time.sleep(0.5)
+    assert {f.read_text() for f in marks.glob("rank*")} == {"digits-nodesleep-node0", "digits-nodesleep-node1"}
+    env = {"HOME": str(nodes_project.parent)}  # the cancel marker lives in the user's state dir
+    run_capsule("jobs", "cancel", job_id, cwd=nodes_project, check=True, env=env)
+    st = wait_for(job_id, nodes_project, {"CANCELLED", "FAILED", "SUCCEEDED"}, timeout=120, env=env)
+    assert st["state"] == "CANCELLED", st
+    infos = _containers(job_id)
+    assert len(infos) == 2 and {i["State"]["Status"] for i in infos} == {"exited"}
+
+
+def test_cancelled_two_node_training_resumes_from_its_checkpoint(project, monkeypatch):
+    """As on one node: the ranks of both nodes checkpoint on SIGTERM, and a rerun resumes there."""
+    from torchcapsule.config import load_project
+    from torchcapsule.launch.docker import DockerBackend
+    from torchcapsule.launch.spec import job_spec
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(project.parent / "state"))  # the cancel markers
+    text = (project / "capsule.yaml").read_text()
+    (project / "capsule.yaml").write_text(text.replace("train.py --epochs 30", "train.py --epochs 60"))
+    p = load_project(project)
+    backend = DockerBackend(p, uid=HOST_UID, gid=HOST_GID)
+    job_id = backend.submit(job_spec(p, "train", nodes=2))
+    deadline = time.monotonic() + 600
+    while not any(":epoch 5/" in line for line in backend.logs(job_id)):
+        assert time.monotonic() < deadline and not backend.status(job_id).state.terminal, \
+            "\n".join(backend.logs(job_id))[-3000:]
+        time.sleep(1)
+    backend.cancel(job_id)
+    st = backend.wait(job_id, poll_s=1, timeout_s=180)
+    log = "\n".join(backend.logs(job_id))
+    assert st.state.value == "CANCELLED", log[-3000:]
+    saved = re.search(r"preempted at step (\d+): checkpoint saved", log)
+    assert saved, log[-3000:]
+    rerun = backend.submit(job_spec(p, "train", nodes=2))
+    st = backend.wait(rerun, poll_s=1, timeout_s=900)
+    log = "\n".join(backend.logs(rerun))
+    assert (st.state.value, st.exit_code) == ("SUCCEEDED", 0), log[-3000:]
+    assert f"resumed from step {saved.group(1)}" in log, log[:3000]
+    meta = json.loads((project / "models" / "digits" / "meta.json").read_text())
+    assert meta["params"]["world_size"] == 4 and meta["metrics"]["accuracy"] >= 0.9

@@ -1,11 +1,15 @@
-"""A real server under overload (503 + Retry-After, 504 past the timeout), SIGTERM with
+"""A real server under overload (503 + Retry-After, before the body, with the probes still
+answering; 504 past the timeout), SIGTERM with
 requests in flight (all answered), the smoke test, and failure to start."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -13,7 +17,7 @@ import pytest
 from torchcapsule.serve.testing import write_mlp_dir
 
 from ..conftest import run_capsule
-from ._serve import REPO, broken_model, metric, running_server, slow_model
+from ._serve import REPO, broken_model, held_model, metric, running_server, slow_model
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +42,68 @@ def test_overload_answers_503_with_retry_after(tmp_path):
         assert httpx.post(s.url + "/v1/predict", json={"inputs": [1.0] * 64}).status_code == 200
         text = httpx.get(s.url + "/metrics").text
         assert metric(text, 'capsule_requests_total{status="503"}') == codes.count(503)
+
+
+def _wait_for(what, cond, deadline: float = 120) -> None:
+    end = time.monotonic() + deadline
+    while not cond():
+        assert time.monotonic() < end, f"not within {deadline} s: {what}"
+        time.sleep(0.05)
+
+
+def _read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 answer with a content-length: (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                  if line.startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the body"
+        body += chunk
+    return head, body
+
+
+def test_a_full_queue_answers_503_without_the_body_and_the_probes_answer(tmp_path):
+    """issue 14 item 6: one batch held running, one request queued (--max-queue 1): a request
+    whose head announces a body that never comes is answered 503 (Retry-After, connection:
+    close) all the same, counted in /metrics, and /healthz, /readyz and /metrics answer while
+    the queue is still full; the held and queued requests are answered once released."""
+    hold, entered = tmp_path / "hold", tmp_path / "entered"
+    model = held_model(tmp_path / "held", hold, entered)
+    body = {"inputs": [1.0] * 64}
+    with running_server(model, "--max-batch-size", "1", "--max-queue", "1", "--forward-thread",
+                        "--timeout", "300", tmp=tmp_path, ready_timeout=180) as s:
+        entered.unlink()  # touched by the warm-up forward
+        hold.touch()
+        predict = s.url + "/v1/predict"
+        with ThreadPoolExecutor(2) as pool:
+            try:
+                running = pool.submit(httpx.post, predict, json=body, timeout=300)
+                _wait_for("the first request's forward to start", entered.exists)
+                queued = pool.submit(httpx.post, predict, json=body, timeout=300)
+                _wait_for("the second request to be queued",
+                          lambda: metric(httpx.get(s.url + "/metrics").text, "capsule_queue_depth") == 1)
+                with socket.create_connection(("127.0.0.1", s.port), timeout=120) as c:
+                    c.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: t\r\ncontent-type: application/json\r\n"
+                              b"content-length: 100000\r\n\r\n")  # and no body
+                    head, answer = _read_answer(c)
+                lines = head.lower().split(b"\r\n")
+                assert lines[0].startswith(b"http/1.1 503"), head
+                assert b"retry-after: 1" in lines and b"connection: close" in lines, head
+                assert json.loads(answer) == {"detail": "queue full (1 requests waiting)"}
+                assert httpx.get(s.url + "/healthz", timeout=60).status_code == 200
+                assert httpx.get(s.url + "/readyz", timeout=60).json()["status"] == "ready"
+                text = httpx.get(s.url + "/metrics", timeout=60).text
+                assert metric(text, "capsule_queue_depth") == 1  # so all of the above came while full
+                assert metric(text, 'capsule_requests_total{status="503"}') == 1
+            finally:
+                hold.unlink(missing_ok=True)
+            assert running.result().status_code == 200 and queued.result().status_code == 200
 
 
 def test_request_timeout_answers_504(tmp_path):

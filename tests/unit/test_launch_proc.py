@@ -109,3 +109,21 @@ def test_preempted_ranks_that_saved_end_cancelled_75_on_every_backend():
     # a real failure stays FAILED with the rank's own code
     st = local.job_status("local:x", 1, SUMMARY.format(code=3), cancelled=False)
     assert (st.state, st.exit_code) == (JobState.FAILED, 3)
+
+
+def test_stream_many_merges_lines_as_they_come_and_says_which_ended():
+    from torchcapsule.launch._proc import stream_many
+
+    got = list(stream_many([["sh", "-c", "echo a; echo b >&2"], ["sh", "-c", "echo c"]]))
+    assert sorted(line for i, line in got if i == 0 and line) == ["a", "b"]
+    assert [line for i, line in got if i == 1] == ["c", None]
+    assert got[-1][1] is None and sum(line is None for _, line in got) == 2
+
+
+def test_stream_many_closed_early_stops_its_commands():
+    from torchcapsule.launch._proc import stream_many
+
+    it = stream_many([["sh", "-c", "echo $$; exec sleep 300"]])
+    i, pid = next(it)
+    it.close()  # a reader that stops following (Ctrl-C, `| head`) leaves no `docker logs -f` behind
+    assert not _proc.pid_alive(int(pid))

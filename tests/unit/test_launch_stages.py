@@ -31,8 +31,12 @@ def _local(project, spec):
 
 def _docker(project, spec):
     argv = DockerBackend(project).dryrun(spec).request
+    if spec.nodes > 1:  # one container per node: the first node's (the others differ by node only)
+        argv = argv.argvs[0]
     at = argv.index(spec.image)
     gpus = argv[argv.index("--gpus") + 1] if "--gpus" in argv else None
+    if gpus and gpus.startswith('"device='):  # several nodes: each its own GPUs, by index
+        gpus = str(len(gpus.split(",")))
     return "python", argv[at + 1:], gpus
 
 
@@ -61,7 +65,7 @@ def _kubernetes(operator):
 
 BACKENDS = {"local": _local, "docker": _docker, "slurm": _slurm,
             "kubernetes": _kubernetes("none"), "kubeflow": _kubernetes("kubeflow")}
-ONE_MACHINE = ("local", "docker")
+ONE_MACHINE = ("local",)  # docker runs several nodes as containers on this machine
 
 
 @pytest.fixture

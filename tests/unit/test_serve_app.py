@@ -11,6 +11,7 @@ import pytest
 from torchcapsule.config import Serve
 from torchcapsule.serve.app import ServeApp, _msgspec_field
 from torchcapsule.serve.handler import DefaultHandler
+from torchcapsule.serve.protocol import ANSWERED, PASS, RESERVED, RESERVED_KEY
 from torchcapsule.serve.reload import LocalSource, load_version
 from torchcapsule.serve.testing import write_mlp_dir
 
@@ -94,9 +95,15 @@ def test_openapi_components_come_from_the_handler_types(app):
     assert comps["PredictRequest"]["properties"]["inputs"]["minItems"] == 64
 
 
-def test_a_full_queue_answers_503_before_reading_the_body(app):
+def test_a_full_queue_answers_503_before_reading_the_body(tmp_path):
     """issue 14 item 6: at max_queue waiting requests the answer is 503 + Retry-After at once, the
-    body never read; the queued requests are still answered."""
+    body never read; the queued requests are still answered. (A request the protocol did not
+    screen; forward thread, so the 4 submitted stay queued until the batcher runs.)"""
+    d = write_mlp_dir(tmp_path / "m", (64, 8, 10), version="9")
+    src = LocalSource(d)
+    app = ServeApp(src, DefaultHandler, "cpu", Serve(max_queue=4, forward_thread=True))
+    app.current = load_version(src, src.current(), DefaultHandler, "cpu")
+
     async def main():
         app.batcher.start()
         request = app.current.decoder.decode(json.dumps({"inputs": [1.0] * 64}).encode())
@@ -117,6 +124,61 @@ def test_a_full_queue_answers_503_before_reading_the_body(app):
 
     sent, reads, answers = asyncio.run(main())
     start = sent[0]
-    assert start["status"] == 503 and dict(start["headers"])[b"retry-after"] == b"1"
+    headers = dict(start["headers"])
+    assert start["status"] == 503 and headers[b"retry-after"] == b"1" and headers[b"connection"] == b"close"
     assert b"queue full (4 requests waiting)" in sent[1]["body"] and reads == []
     assert all(set(json.loads(a)) == {"label", "index", "score", "scores"} for a in answers)
+
+
+class Transport:
+    def __init__(self):
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+
+def test_screen_reserves_a_slot_per_admitted_request_then_answers_503_itself(app):
+    """The protocol asks `screen` at each complete head: admitted predict requests hold a slot
+    until queued (so one burst admits no more than max_queue), the rest get the 503 written
+    straight to the transport, counted in the metrics; other routes are not its business."""
+    t = Transport()
+    assert app.screen(b"GET", b"/healthz", t) == PASS and app.screen(b"GET", b"/v1/predict", t) == PASS
+    assert [app.screen(b"POST", b"/v1/predict", t) for _ in range(4)] == [RESERVED] * 4  # max_queue=4
+    assert app.reserved == 4 and t.written == b""
+    assert app.screen(b"POST", b"/v1/predict?x=1", t) == ANSWERED
+    head, _, body = t.written.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 503 Service Unavailable"
+    assert {b"retry-after: 1", b"connection: close", b"x-model-version: 9", b"content-length: %d" % len(body)} <= set(lines)
+    assert json.loads(body) == {"detail": "queue full (4 requests waiting)"}
+    assert app.screen(b"GET", b"/readyz", t) == PASS  # probes still go to the app when full
+    assert 'capsule_requests_total{status="503"} 1.0' in app.metrics.render().decode()
+
+
+def test_a_screened_request_releases_its_slot_whatever_its_answer(app):
+    """Reserved slots come back when the request is queued or answered otherwise (422 here),
+    else refused requests would shrink the queue for good."""
+    ok = json.dumps({"inputs": [1.0] * 64}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "headers": [], RESERVED_KEY: True}
+
+    async def main():
+        app.batcher.start()
+        statuses = []
+        for body in (ok, b'{"inputs": [1]}'):
+            assert app.screen(b"POST", b"/v1/predict", Transport()) == RESERVED
+            sent = []
+
+            async def receive(body=body):
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send(msg):
+                sent.append(msg)
+
+            await app(dict(scope), receive, send)
+            statuses.append(sent[0]["status"])
+        await app.batcher.stop(drain_timeout=1)
+        return statuses
+
+    assert asyncio.run(main()) == [200, 422]
+    assert app.reserved == 0

@@ -42,6 +42,24 @@ def test_idle_request_is_dispatched_without_waiting_max_wait():
     assert batches == [("v1", [1])]
 
 
+def test_the_submit_that_fills_the_queue_runs_a_batch_at_once():
+    """Inline forwards: the submit that fills the queue runs a batch at once instead of waking
+    the batcher a loop iteration or more later (under overload, iterations are what a flood of
+    refused connections makes slow)."""
+    async def main():
+        rec = Recorder()
+        b = Batcher(rec, max_batch_size=32, max_queue=3, max_wait_ms=50)
+        b.start()
+        futs = [b.submit("v1", i) for i in range(3)]
+        done = [f.done() for f in futs]  # no await yet: only the third submit can have run it
+        assert await asyncio.gather(*futs) == [0, 10, 20]
+        await b.stop()
+        return done, rec.batches
+
+    done, batches = run(main())
+    assert done == [True, True, True] and batches == [("v1", [0, 1, 2])]
+
+
 def test_requests_arriving_together_share_a_batch_up_to_max_size():
     async def main():
         rec = Recorder()

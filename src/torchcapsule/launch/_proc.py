@@ -57,6 +57,37 @@ def stream(argv: Sequence[str]) -> Iterator[str]:
         proc.wait()
 
 
+def stream_many(argvs: Sequence[Sequence[str]]) -> Iterator[tuple[int, str | None]]:
+    """(index, line) of several commands' stdout+stderr as the lines come (`docker logs -f` of
+    each node); (index, None) when command `index` has ended. Stops them all when closed early."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+    procs = [subprocess.Popen(list(a), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for a in argvs]
+
+    def pump(i: int, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put((i, line.rstrip("\n")))
+        lines.put((i, None))
+
+    for i, proc in enumerate(procs):
+        threading.Thread(target=pump, args=(i, proc), daemon=True).start()
+    try:
+        running = len(procs)
+        while running:
+            i, line = lines.get()
+            running -= line is None
+            yield i, line
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait()
+
+
 def tail(path: Path, lines: int = 20) -> str:
     """The last lines of a log file ('' when it does not exist): the reason a job failed."""
     try:

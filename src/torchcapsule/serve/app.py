@@ -4,8 +4,9 @@ Why two layers: FastAPI + pydantic costs ~250 us of Python per request on these 
 (3-4k req/s at best, see docs/benchmarks.md), more than the batched forward itself.
 So /v1/predict is handled here directly: read the body (413 past the limit), decode and
 validate it with msgspec against the handler's Request type (400/422 naming the field),
-queue it for the batcher (503 + Retry-After when full, 504 past the timeout) and write the
-encoded answer with the x-model-version header. FastAPI serves /healthz, /readyz, /metrics,
+queue it for the batcher (504 past the timeout; a full queue is refused earlier, by `screen`,
+called from the HTTP protocol, see protocol.py) and write the encoded answer with the
+x-model-version header. FastAPI serves /healthz, /readyz, /metrics,
 /v1/models, /docs and an OpenAPI schema that includes /v1/predict, built from the same
 msgspec types.
 """
@@ -23,16 +24,21 @@ from ..config import Serve
 from .batcher import Batcher, Closed, QueueFull
 from .handler import Handler, InputError
 from .metrics import Metrics
+from .protocol import ANSWERED, PASS, RESERVED, RESERVED_KEY
 from .reload import ErrorBody, Runner, VersionSource, Watcher, describe_failure, load_version
 
 log = logging.getLogger("torchcapsule.serve")
 
 PREDICT_PATH = "/v1/predict"
+_PREDICT_TARGET = PREDICT_PATH.encode()
 
 
 RETRY_AFTER = b"1"  # seconds, in the Retry-After header of a 503
 
 _JSON = (b"content-type", b"application/json")
+# A full queue's 503 also ends the connection: see protocol.py (a client re-sending at once must
+# connect again, which paces it).
+_FULL_HEADERS = [(b"retry-after", RETRY_AFTER), (b"connection", b"close")]
 _encode_error = msgspec.json.Encoder().encode
 
 
@@ -66,6 +72,41 @@ class ServeApp:
         self._observe_batch = self.metrics.batch_size.observe
         self._admin = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Predict requests the protocol admitted (screen) whose body is not yet read and queued:
+        # they count against max_queue, so one burst cannot admit more than the queue holds.
+        self.reserved = 0
+        self._full_answer: tuple[Runner | None, bytes] = (None, b"")  # the raw 503, per version
+
+    # ------------------------------------------------------------------ admission
+    def queue_full(self) -> bool:
+        return self.batcher.depth + self.reserved >= self.settings.max_queue
+
+    def screen(self, method: bytes, target: bytes, transport) -> int:
+        """Asked by the HTTP protocol when a request head is complete, before any ASGI task or
+        body read (protocol.limited_protocol): a predict request is refused here, written
+        straight to the socket, when the queue is full, else it reserves its slot."""
+        if method != b"POST" or (target != _PREDICT_TARGET and target.partition(b"?")[0] != _PREDICT_TARGET):
+            return PASS
+        if self.current is None or self.draining:
+            return PASS  # the app's own answers (not loaded yet, shutting down)
+        if not self.queue_full():
+            self.reserved += 1
+            return RESERVED
+        t0 = time.perf_counter()
+        runner, answer = self._full_answer
+        if runner is not self.current:
+            runner = self.current
+            body = _encode_error(ErrorBody(detail=self._full_detail()))
+            answer = b"".join([b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n",
+                               b"content-length: %d\r\nretry-after: %s\r\n" % (len(body), RETRY_AFTER),
+                               b"x-model-version: %s\r\nconnection: close\r\n\r\n" % runner.version_header, body])
+            self._full_answer = (runner, answer)
+        transport.write(answer)
+        self.metrics.observe(503, time.perf_counter() - t0)
+        return ANSWERED
+
+    def _full_detail(self) -> str:
+        return f"queue full ({self.settings.max_queue} requests waiting)"
 
     # ------------------------------------------------------------------ ASGI entry
     async def __call__(self, scope, receive, send) -> None:
@@ -84,11 +125,37 @@ class ServeApp:
     # ------------------------------------------------------------------ hot path
     async def _predict(self, scope, receive, send) -> None:
         t0 = time.perf_counter()
-        if self.batcher.depth >= self.settings.max_queue:
-            # Full: answer before reading or decoding the body, so overload costs microseconds
-            # per refused request and the loop's time goes to the batches of accepted ones.
-            return await self._reply(send, 503, f"queue full ({self.settings.max_queue} requests waiting)",
-                                     t0=t0, extra=[(b"retry-after", RETRY_AFTER)])
+        if scope.get(RESERVED_KEY):  # screened by the protocol: its slot is held until queued
+            try:
+                queued = await self._read_and_queue(scope, receive, send, t0)
+            finally:
+                self.reserved -= 1
+        elif self.queue_full():
+            # Full (a request the protocol did not screen): answer before reading the body.
+            return await self._reply(send, 503, self._full_detail(), t0=t0, extra=_FULL_HEADERS)
+        else:
+            queued = await self._read_and_queue(scope, receive, send, t0)
+        if queued is None:
+            return
+        runner, future = queued
+        try:
+            result = await future
+        except TimeoutError as e:
+            return await self._reply(send, 504, str(e), t0=t0)
+        except Closed as e:
+            return await self._reply(send, 503, str(e), t0=t0)
+        except InputError as e:
+            return await self._reply(send, 422, str(e), field=e.field, t0=t0)
+        except Exception as e:  # the model failed: a server error, logged by the runner
+            return await self._reply(send, 500, f"model error: {type(e).__name__}", t0=t0)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [_JSON, (b"content-length", b"%d" % len(result)),
+                                (b"x-model-version", runner.version_header)]})
+        await send({"type": "http.response.body", "body": result})
+        self.metrics.observe(200, time.perf_counter() - t0)
+
+    async def _read_and_queue(self, scope, receive, send, t0: float):
+        """Read, decode and validate the body, and queue it: (runner, future), or None once answered."""
         limit = self.settings.max_body_bytes
         for k, v in scope["headers"]:
             if k == b"content-length":
@@ -135,23 +202,12 @@ class ServeApp:
         except InputError as e:
             return await self._reply(send, 422, str(e), field=e.field, t0=t0)
         try:
-            result = await self.batcher.submit(runner, request)
+            return runner, self.batcher.submit(runner, request)
         except QueueFull as e:
-            return await self._reply(send, 503, str(e), t0=t0,
-                                     extra=[(b"retry-after", RETRY_AFTER)])
-        except TimeoutError as e:
-            return await self._reply(send, 504, str(e), t0=t0)
+            await self._reply(send, 503, str(e), t0=t0, extra=_FULL_HEADERS)
         except Closed as e:
-            return await self._reply(send, 503, str(e), t0=t0)
-        except InputError as e:
-            return await self._reply(send, 422, str(e), field=e.field, t0=t0)
-        except Exception as e:  # the model failed: a server error, logged by the runner
-            return await self._reply(send, 500, f"model error: {type(e).__name__}", t0=t0)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [_JSON, (b"content-length", b"%d" % len(result)),
-                                (b"x-model-version", runner.version_header)]})
-        await send({"type": "http.response.body", "body": result})
-        self.metrics.observe(200, time.perf_counter() - t0)
+            await self._reply(send, 503, str(e), t0=t0)
+        return None
 
     async def _reply(self, send, status: int, detail: str, *, field: str | None = None,
                      extra: list | None = None, t0: float | None = None) -> None:

@@ -8,7 +8,8 @@ Policy (why it looks like this):
   while requests are still arriving (one more tick each time the queue grew), bounded by
   `max_wait_ms` from the first queued request, so batches fill under load without a timer.
 - The queue is bounded: `submit` raises QueueFull at `max_queue` (the app answers 503 with
-  Retry-After) instead of letting latency grow without limit.
+  Retry-After) instead of letting latency grow without limit. With inline forwards, the submit
+  that fills the queue runs a batch at once: the sooner it runs, the sooner there is room.
 - Each item has a deadline; a sweeper fails late items with TimeoutError (the app answers
   504), whether they are still queued or stuck in a batch.
 - Items carry a key (the model version they were decoded for); a batch never mixes keys, so
@@ -59,6 +60,7 @@ class Batcher:
         self.max_queue = max_queue
         self.timeout = timeout_s
         self.on_batch = on_batch
+        self._full = min(max_batch_size, max_queue)  # no use waiting for more than this
         self._queue: deque[_Item] = deque()
         self._running: list[_Item] = []
         self._wake: asyncio.Future | None = None
@@ -101,7 +103,16 @@ class Batcher:
             raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
         loop = self._loop
         fut = loop.create_future()
-        self._queue.append(_Item(key, payload, fut, loop.time() + self.timeout))
+        queue = self._queue
+        queue.append(_Item(key, payload, fut, loop.time() + self.timeout))
+        if len(queue) >= self.max_queue and self._executor is None and not self._running:
+            # A full queue refuses new requests: run a batch now, inline as the batcher would,
+            # rather than a loop iteration or more later. Under overload every iteration also
+            # reads and refuses the other connections, so iterations per batch set the goodput.
+            batch = self._take()
+            if batch:  # empty if every queued item expired meanwhile
+                self._run_inline(batch)
+            return fut
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
@@ -116,41 +127,53 @@ class Batcher:
                 self._wake = loop.create_future()
                 await self._wake
                 self._wake = None
-            if self.max_wait > 0 and len(queue) < self.max_batch_size:
+            if self.max_wait > 0 and len(queue) < self._full:
                 # Keep collecting only while requests keep arriving (see module docstring).
                 first = queue[0].deadline - self.timeout if queue else loop.time()
                 n = len(queue)
                 while True:
                     await asyncio.sleep(0)
                     m = len(queue)
-                    if m == n or m >= self.max_batch_size or loop.time() - first >= self.max_wait:
+                    if m == n or m >= self._full or loop.time() - first >= self.max_wait:
                         break
                     n = m
             batch = self._take()
             if not batch:
                 continue
+            if self._executor is None:
+                self._run_inline(batch)
+                continue
             self._running = batch
             try:
-                payloads = [i.payload for i in batch]
-                key = batch[0].key
-                if self._executor is None:
-                    results = self.process(key, payloads)
-                else:
-                    results = await loop.run_in_executor(self._executor, self.process, key, payloads)
+                results = await loop.run_in_executor(self._executor, self.process, batch[0].key,
+                                                     [i.payload for i in batch])
             except Exception as e:  # process() should return exceptions; this is the safety net
                 results = [e] * len(batch)
             finally:
                 self._running = []
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
-            for item, res in zip(batch, results):
-                fut = item.future
-                if fut.done():  # timed out or cancelled meanwhile
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+            self._answer(batch, results)
+
+    def _run_inline(self, batch: list[_Item]) -> None:
+        self._running = batch
+        try:
+            results = self.process(batch[0].key, [i.payload for i in batch])
+        except Exception as e:  # process() should return exceptions; this is the safety net
+            results = [e] * len(batch)
+        finally:
+            self._running = []
+        self._answer(batch, results)
+
+    def _answer(self, batch: list[_Item], results: Sequence[Any]) -> None:
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        for item, res in zip(batch, results):
+            fut = item.future
+            if fut.done():  # timed out or cancelled meanwhile
+                continue
+            if isinstance(res, BaseException):
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
 
     def _take(self) -> list[_Item]:
         queue = self._queue

@@ -59,7 +59,7 @@ def run_one(opts: ServerOptions, sock: socket.socket | None = None, device_spec:
 
     app = build_app(opts, device_spec)
     config = uvicorn.Config(
-        app, host=s.host, port=s.port, loop="uvloop", http=limited_protocol(), lifespan="on",
+        app, host=s.host, port=s.port, loop="uvloop", http=limited_protocol(gate=app.screen), lifespan="on",
         access_log=False, log_level=s.log_level, timeout_graceful_shutdown=s.timeout_s + 5, timeout_keep_alive=30,
     )
     server = draining_server(config, app)
