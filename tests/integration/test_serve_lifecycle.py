@@ -120,22 +120,36 @@ def test_request_timeout_answers_504(tmp_path):
 
 
 def test_sigterm_finishes_requests_in_flight(tmp_path):
-    model = slow_model(tmp_path / "slow", delay=0.3)
-    with running_server(model, "--max-batch-size", "4", tmp=tmp_path) as s:
+    """SIGTERM while one batch runs (held on a file) and more requests wait: /readyz says draining,
+    every request is answered 200, the server exits 0 and then accepts nothing. Each step waits on a
+    state (the forward entered, the queue depth, the readyz answer), never on a sleep."""
+    hold, entered = tmp_path / "hold", tmp_path / "entered"
+    model = held_model(tmp_path / "held", hold, entered)
+    with running_server(model, "--max-batch-size", "4", "--forward-thread", "--timeout", "300",
+                        tmp=tmp_path, ready_timeout=180) as s:
+        entered.unlink()  # touched by the warm-up forward
+        hold.touch()
+
         async def scenario():
-            burst = asyncio.create_task(_burst(s.url, 12))
-            await asyncio.sleep(0.2)  # requests are queued / in a batch now
-            s.proc.send_signal(15)
-            await asyncio.sleep(0.1)
-            async with httpx.AsyncClient(base_url=s.url) as c:
-                ready = await c.get("/readyz")  # accepted within the read grace: says draining
-            answers = await burst
-            return answers, ready
+            burst = asyncio.create_task(_burst(s.url, 12, timeout=300))
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                async def queued() -> bool:
+                    return metric((await c.get("/metrics")).text, "capsule_queue_depth") >= 1
+                end = time.monotonic() + 120
+                while not (entered.exists() and await queued()):  # one batch held, others waiting
+                    assert time.monotonic() < end, "the burst never filled a batch and the queue"
+                    await asyncio.sleep(0.05)
+                s.proc.send_signal(15)
+                while (ready := await c.get("/readyz")).status_code == 200:  # until it saw the signal
+                    assert time.monotonic() < end + 120, "/readyz never said draining"
+                    await asyncio.sleep(0.05)
+            hold.unlink()  # the drain waits for the queue, however long the batches take
+            return await burst, ready
 
         answers, ready = asyncio.run(scenario())
         assert ready.status_code == 503 and ready.json() == {"status": "draining"}
         assert [a.status_code for a in answers] == [200] * 12
-        assert s.proc.wait(30) == 0
+        assert s.proc.wait(60) == 0
         # and it no longer accepts
         with pytest.raises(httpx.TransportError):
             httpx.post(s.url + "/v1/predict", json={"inputs": [1.0] * 64}, timeout=2)
