@@ -56,3 +56,36 @@ def wait_for(job_id: str, cwd: Path, states: set[str], timeout: float = 240, **k
         if st["state"] in states or time.monotonic() > deadline:
             return st
         time.sleep(1)
+
+
+# Two-node stages for the multi-node tests (docker, Slurm): every rank writes "HOST PID" where it
+# runs, then waits; in `nodefail` local rank 1 of the host named FAIL_HOST exits 7.
+NODE_SCRIPT = '''\
+import os, socket, sys, time
+from pathlib import Path
+mark = Path(os.environ["CAPSULE_LOGS_DIR"]) / "ranks"
+mark.mkdir(parents=True, exist_ok=True)
+(mark / f"rank{os.environ['RANK']}").write_text(f"{socket.gethostname()} {os.getpid()}")
+if sys.argv[1] == "fail" and socket.gethostname() == FAIL_HOST and os.environ["LOCAL_RANK"] == "1":
+    print(f"rank {os.environ['RANK']} fails on purpose on {socket.gethostname()}", flush=True)
+    sys.exit(7)
+time.sleep(600)
+'''
+NODE_STAGES = """\
+  nodefail:
+    run: node_stage.py fail
+    distributed: ddp
+    resources: {nodes: 2, cpus: 2}
+  nodesleep:
+    run: node_stage.py sleep
+    distributed: ddp
+    resources: {nodes: 2, cpus: 2}
+"""
+
+
+def add_node_stages(project: Path, *, fail_host: str) -> Path:
+    """Add `nodefail` and `nodesleep` (2 nodes, ddp) to a copied example project."""
+    (project / "node_stage.py").write_text(f"FAIL_HOST = {fail_host!r}\n" + NODE_SCRIPT)
+    text = (project / "capsule.yaml").read_text()
+    (project / "capsule.yaml").write_text(text.replace("\nstages:\n", "\nstages:\n" + NODE_STAGES, 1))
+    return project

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLE, run_capsule
-from tests.integration.backend_support import copy_example, job_id_in, status, wait_for
+from tests.integration.backend_support import add_node_stages, copy_example, job_id_in, status, wait_for
 from tests.integration.image_fixtures import build_digits_image
 
 REGISTRY = "capsule-backends-test"  # our own tag: other sessions rebuild the shared digits tags
@@ -125,37 +125,10 @@ def test_bad_input_is_one_line_with_the_fix(project):
     assert r.returncode == 1 and "start dockerd" in r.stderr and r.stderr.count("\n") == 1
 
 
-# --nodes 2: two containers on this machine, one job. One rank of the second node fails; every
-# other rank writes where it runs, then waits.
-NODE_SCRIPT = '''\
-import os, socket, sys, time
-from pathlib import Path
-mark = Path(os.environ["CAPSULE_LOGS_DIR"]) / "ranks"
-mark.mkdir(parents=True, exist_ok=True)
-(mark / f"rank{os.environ['RANK']}").write_text(socket.gethostname())
-if sys.argv[1] == "fail" and socket.gethostname().endswith("-node1") and os.environ["LOCAL_RANK"] == "1":
-    print(f"rank {os.environ['RANK']} fails on purpose on {socket.gethostname()}", flush=True)
-    sys.exit(7)
-time.sleep(600)
-'''
-NODE_STAGES = """\
-  nodefail:
-    run: node_stage.py fail
-    distributed: ddp
-    resources: {nodes: 2, cpus: 2}
-  nodesleep:
-    run: node_stage.py sleep
-    distributed: ddp
-    resources: {nodes: 2, cpus: 2}
-"""
-
-
 @pytest.fixture
 def nodes_project(project) -> Path:
-    (project / "node_stage.py").write_text(NODE_SCRIPT)
-    text = (project / "capsule.yaml").read_text()
-    (project / "capsule.yaml").write_text(text.replace("\nstages:\n", "\nstages:\n" + NODE_STAGES, 1))
-    return project
+    """--nodes 2: two containers on this machine, one job (node 1's local rank 1 fails in nodefail)."""
+    return add_node_stages(project, fail_host="digits-nodefail-node1")
 
 
 def _containers(job_id: str) -> list[dict]:
@@ -214,7 +187,7 @@ def test_cancel_stops_both_nodes(nodes_project):
     while len(list(marks.glob("rank*")) if marks.is_dir() else []) < 4:  # every rank of both nodes started
         assert time.monotonic() < deadline, status(job_id, nodes_project)
         time.sleep(0.5)
-    assert {f.read_text() for f in marks.glob("rank*")} == {"digits-nodesleep-node0", "digits-nodesleep-node1"}
+    assert {f.read_text().split()[0] for f in marks.glob("rank*")} == {"digits-nodesleep-node0", "digits-nodesleep-node1"}
     env = {"HOME": str(nodes_project.parent)}  # the cancel marker lives in the user's state dir
     run_capsule("jobs", "cancel", job_id, cwd=nodes_project, check=True, env=env)
     st = wait_for(job_id, nodes_project, {"CANCELLED", "FAILED", "SUCCEEDED"}, timeout=120, env=env)

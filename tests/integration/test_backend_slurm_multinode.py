@@ -14,39 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_capsule
-from tests.integration.backend_support import copy_example, job_id_in, status as _status, wait_for as _wait
+from tests.integration.backend_support import add_node_stages, copy_example, job_id_in, status as _status, wait_for as _wait
 from torchcapsule.launch._proc import pid_alive
-
-# One rank of the second node fails; every other rank writes where it runs, then waits.
-NODE_SCRIPT = '''\
-import os, socket, sys, time
-from pathlib import Path
-mark = Path(os.environ["CAPSULE_LOGS_DIR"]) / "ranks"
-mark.mkdir(parents=True, exist_ok=True)
-(mark / f"rank{os.environ['RANK']}").write_text(f"{socket.gethostname()} {os.getpid()}")
-if sys.argv[1] == "fail" and socket.gethostname() == "capsule-mn2" and os.environ["LOCAL_RANK"] == "1":
-    print(f"rank {os.environ['RANK']} fails on purpose on {socket.gethostname()}", flush=True)
-    sys.exit(7)
-time.sleep(600)
-'''
-STAGES = """\
-  nodefail:
-    run: node_stage.py fail
-    distributed: ddp
-    resources: {nodes: 2, cpus: 2}
-  nodesleep:
-    run: node_stage.py sleep
-    distributed: ddp
-    resources: {nodes: 2, cpus: 2}
-"""
 
 
 @pytest.fixture
 def project(slurm_multinode) -> Path:
     dest = copy_example("capsule-slurm-mn-")
-    (dest / "node_stage.py").write_text(NODE_SCRIPT)
-    text = (dest / "capsule.yaml").read_text()
-    (dest / "capsule.yaml").write_text(text.replace("\nstages:\n", "\nstages:\n" + STAGES, 1))
+    add_node_stages(dest, fail_host="capsule-mn2")
     yield dest
     shutil.rmtree(dest.parent, ignore_errors=True)
 
