@@ -139,13 +139,13 @@ class Matrix:
     def release(self, torch: str, *, where: str = "torch") -> TorchRelease:
         rel = self.releases.get(minor_of(torch))
         if rel is None:
-            raise CompatError(
-                f"{where}: torch {torch} is not in the compatibility matrix; "
+            raise CompatError.at(
+                where, f"torch {torch} is not in the compatibility matrix; "
                 f"supported: {', '.join(self.all_torch_versions())}"
             )
         if torch.count(".") >= 2 and torch.split("+")[0] not in rel.patches:
-            raise CompatError(
-                f"{where}: torch {torch} was never released; releases of {rel.minor}: "
+            raise CompatError.at(
+                where, f"torch {torch} was never released; releases of {rel.minor}: "
                 f"{', '.join(rel.patches)}"
             )
         return rel
@@ -154,8 +154,8 @@ class Matrix:
         cuda = normalize_cuda(cuda)
         info = self.cudas.get(cuda)
         if info is None:
-            raise CompatError(
-                f"{where}: CUDA {cuda} is not a CUDA that torch wheels are built for; "
+            raise CompatError.at(
+                where, f"CUDA {cuda} is not a CUDA that torch wheels are built for; "
                 f"known: {', '.join(self.cudas)} or 'cpu'"
             )
         return info
@@ -202,19 +202,19 @@ class Matrix:
         cuda = normalize_cuda(cuda)
         if cuda != CPU and rel.cuda is None:
             self.cuda_info(cuda, where=f"{where}.cuda")  # nonsense CUDA: say so first
-            raise CompatError(
-                f"{where}.cuda: the CUDA builds of torch {torch} are not confirmed in the "
+            raise CompatError.at(
+                f"{where}.cuda", f"the CUDA builds of torch {torch} are not confirmed in the "
                 f"compatibility matrix; valid: cpu, or a torch release up to "
                 f"{self._newest_confirmed()} with CUDA"
             )
         if cuda != CPU and cuda not in (rel.cuda or ()):
-            raise CompatError(
-                f"{where}.cuda: torch {torch} has no CUDA {cuda} build; "
+            raise CompatError.at(
+                f"{where}.cuda", f"torch {torch} has no CUDA {cuda} build; "
                 f"valid: {', '.join(rel.cuda or ())} or cpu"
             )
         if minor_of(python) not in rel.python:
-            raise CompatError(
-                f"{where}.python: torch {torch} has no wheel for Python {python}; "
+            raise CompatError.at(
+                f"{where}.python", f"torch {torch} has no wheel for Python {python}; "
                 f"valid: {', '.join(rel.python)}"
             )
 
@@ -227,11 +227,11 @@ class Matrix:
             return
         if want is None:
             if package == "torchaudio" and version_key(rel.minor) > version_key("2.11"):
-                raise CompatError(f"{where}: torchaudio has no release for torch {rel.minor} "
+                raise CompatError.at(where, f"torchaudio has no release for torch {rel.minor} "
                                   f"(the last is 2.11, for torch 2.11); remove it or use torch <= 2.11")
             return  # unconfirmed pairing: nothing to refuse with
         if minor_of(version) != want:
-            raise CompatError(f"{where}: {package} {version} does not match torch {torch}; "
+            raise CompatError.at(where, f"{package} {version} does not match torch {torch}; "
                               f"valid: {package}=={want}.*")
 
     def _newest_confirmed(self) -> str:

@@ -61,9 +61,8 @@ class FieldError(ValueError):
 
     @classmethod
     def of(cls, e: ConfigError) -> "FieldError":
-        """compat's and rules' errors begin with the field they name (their one-line CLI form)."""
-        where, _, message = e.message.partition(": ")
-        return cls(tuple(where.split(".")), message)
+        """compat's and rules' errors name their field (ConfigError.at)."""
+        return cls(tuple(e.where.split(".")), e.problem) if e.where else cls((), e.message)
 
 
 def _one_line(v: Any) -> Any:

@@ -34,6 +34,16 @@ class CapsuleError(Exception):
 
 class ConfigError(CapsuleError):
     exit_code = 2
+    where: str | None = None  # the field or flag it is about ('image.cuda', '--cuda')
+    problem: str = ""  # the message without the `where: ` prefix
+
+    @classmethod
+    def at(cls, where: str, problem: str, *, hint: str | None = None) -> "ConfigError":
+        """An error about one field or flag: shown as `where: problem`, and config can place
+        it on that field's line without parsing the text."""
+        err = cls(f"{where}: {problem}", hint=hint)
+        err.where, err.problem = where, problem
+        return err
 
 
 class CompatError(ConfigError):

@@ -70,3 +70,20 @@ def test_rank_cause_reads_the_failed_ranks_last_line_through_any_prefix():
     srun = "0: noise\n1: torchcapsule: rank 3 failed: ValueError: bad batch\n1: more\n"
     assert errors.rank_cause(srun, 3) == "ValueError: bad batch"
     assert errors.rank_cause(errors.RANK_CAUSE.format(rank=12, cause="x"), 1) is None  # rank 12 is not rank 1
+
+
+def test_an_error_about_a_field_carries_the_field_not_only_in_its_text():
+    from torchcapsule.compat import load_matrix
+    from torchcapsule.config import FieldError
+
+    err = errors.CompatError.at("image.cuda", "torch 2.13.0: no: colon parsing here")
+    assert str(err) == "image.cuda: torch 2.13.0: no: colon parsing here"
+    assert (err.where, err.problem) == ("image.cuda", "torch 2.13.0: no: colon parsing here")
+    assert FieldError.of(err).loc == ("image", "cuda")
+    # compat's own refusals name their field the same way (config puts them on that line)
+    try:
+        load_matrix().check("2.13.0", "11.8", "3.11")
+    except errors.CompatError as e:
+        assert e.where == "image.cuda" and str(e) == f"image.cuda: {e.problem}"
+    else:
+        raise AssertionError("torch 2.13.0 has no CUDA 11.8 build")

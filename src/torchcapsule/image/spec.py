@@ -125,7 +125,7 @@ def check_flavor(flavor: str, where: str) -> str:
     if flavor not in FLAVORS:
         close = difflib.get_close_matches(flavor, FLAVORS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"{where}: unknown flavor '{flavor}'{hint}; valid: {', '.join(FLAVORS)}")
+        raise ConfigError.at(where, f"unknown flavor '{flavor}'{hint}; valid: {', '.join(FLAVORS)}")
     return flavor
 
 
@@ -143,15 +143,15 @@ def resolve(project: Project, *, torch: str | None = None, cuda: str | None = No
     p = python if python is not None else img.python
     f = check_flavor(flavor if flavor is not None else img.flavor, where(flavor, "--flavor", "flavor"))
     if p.count(".") != 1 or not all(x.isdigit() for x in p.split(".")):
-        raise ConfigError(f"{where(python, '--python', 'python')}: '{p}' is not a Python minor version; use e.g. 3.11")
+        raise ConfigError.at(where(python, '--python', 'python'), f"'{p}' is not a Python minor version; use e.g. 3.11")
 
     rel = matrix.release(t, where=where(torch, "--torch", "torch"))
     full_torch = t if t.count(".") >= 2 else rel.patches[-1]
     if c != CPU:
         info = matrix.cuda_info(c, where=where(cuda, "--cuda", "cuda"))
         if c not in rel.cuda:
-            raise CompatError(
-                f"{where(cuda, '--cuda', 'cuda')}: torch {full_torch} has no CUDA {c} build "
+            raise CompatError.at(
+                where(cuda, '--cuda', 'cuda'), f"torch {full_torch} has no CUDA {c} build "
                 f"(no such wheel on the PyTorch index); valid: {', '.join(rel.cuda)} or cpu"
             )
         cuda_tag, min_driver = info.tag, info.compat_floor
@@ -159,16 +159,16 @@ def resolve(project: Project, *, torch: str | None = None, cuda: str | None = No
         cuda_tag, min_driver = CPU, None
     if minor_of(p) not in rel.python:
         flag = where(python, "--python", "python") if python is not None or torch is None else "--torch"
-        raise CompatError(
-            f"{flag}: torch {full_torch} has no wheel for Python {p}; valid: {', '.join(rel.python)}"
+        raise CompatError.at(
+            flag, f"torch {full_torch} has no wheel for Python {p}; valid: {', '.join(rel.python)}"
         )
 
     chosen = base if base is not None else img.base
     if chosen is None:
         chosen = DEFAULT_BASES.get(p)
         if chosen is None:
-            raise ConfigError(
-                f"{where(python, '--python', 'python')}: no default base image ships Python {p} "
+            raise ConfigError.at(
+                where(python, '--python', 'python'), f"no default base image ships Python {p} "
                 f"(defaults: {', '.join(f'{v} on {b}' for v, b in DEFAULT_BASES.items())}); "
                 f"pass --base IMAGE (or set image.base) to an image whose python3 is {p}"
             )
@@ -176,7 +176,7 @@ def resolve(project: Project, *, torch: str | None = None, cuda: str | None = No
     else:
         is_default = False
         if not chosen.strip() or any(ch.isspace() for ch in chosen):
-            raise ConfigError(f"{where(base, '--base', 'base')}: '{chosen}' is not an image reference; use e.g. ubuntu:24.04")
+            raise ConfigError.at(where(base, '--base', 'base'), f"'{chosen}' is not an image reference; use e.g. ubuntu:24.04")
 
     return BuildSpec(
         name=project.name, torch=full_torch, cuda=c, cuda_tag=cuda_tag, python=p, flavor=f,

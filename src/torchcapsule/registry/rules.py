@@ -51,39 +51,39 @@ class _Missing:
 
 def parse_rule(text: str, where: str = WHERE) -> Rule:
     if len(text) > MAX_RULE_CHARS:
-        raise ConfigError(f"{where}: the rule is {len(text)} characters, over the limit of {MAX_RULE_CHARS}; "
+        raise ConfigError.at(where, f"the rule is {len(text)} characters, over the limit of {MAX_RULE_CHARS}; "
                           "write a shorter rule (a few comparisons joined by and/or)")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
-        raise ConfigError(f"{where}: '{text}' is not a valid rule ({e.msg}); "
+        raise ConfigError.at(where, f"'{text}' is not a valid rule ({e.msg}); "
                           "write e.g. 'accuracy >= 0.95 and accuracy >= champion.accuracy'") from None
     except (RecursionError, MemoryError):  # nesting too deep for the parser, within the length cap
-        raise ConfigError(f"{where}: the rule is nested too deeply to parse; write a flatter rule") from None
+        raise ConfigError.at(where, "the rule is nested too deeply to parse; write a flatter rule") from None
     depth, stack = 0, [(tree, 1)]
     while stack:  # evaluate() and the reasons recurse per level: bound it here, once
         node, d = stack.pop()
         depth = max(depth, d)
         stack.extend((child, d + 1) for child in ast.iter_child_nodes(node))
     if depth > MAX_RULE_DEPTH:
-        raise ConfigError(f"{where}: the rule nests {depth} levels deep, over the limit of {MAX_RULE_DEPTH}; "
+        raise ConfigError.at(where, f"the rule nests {depth} levels deep, over the limit of {MAX_RULE_DEPTH}; "
                           "write a flatter rule (a few comparisons joined by and/or)")
     metrics, aliases = set(), set()
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED):
-            raise ConfigError(
-                f"{where}: '{ast.unparse(node) if isinstance(node, ast.expr) else text}' is not allowed "
+            raise ConfigError.at(
+                where, f"'{ast.unparse(node) if isinstance(node, ast.expr) else text}' is not allowed "
                 f"({type(node).__name__}); use metric names, ALIAS.metric, numbers, comparisons, "
                 "+ - * /, and, or, not"
             )
         if isinstance(node, ast.Constant) and (isinstance(node.value, bool) or
                                                not isinstance(node.value, (int, float))):
-            raise ConfigError(f"{where}: {node.value!r} is not a number; a rule compares numbers only")
+            raise ConfigError.at(where, f"{node.value!r} is not a number; a rule compares numbers only")
         if isinstance(node, ast.Attribute):
             if not isinstance(node.value, ast.Name):
-                raise ConfigError(f"{where}: '{ast.unparse(node)}' is not ALIAS.metric (one dot only)")
+                raise ConfigError.at(where, f"'{ast.unparse(node)}' is not ALIAS.metric (one dot only)")
             if node.attr.startswith("_"):
-                raise ConfigError(f"{where}: '{ast.unparse(node)}': metric names cannot start with '_'")
+                raise ConfigError.at(where, f"'{ast.unparse(node)}': metric names cannot start with '_'")
             aliases.add(node.value.id)
         elif isinstance(node, ast.Name) and not _is_alias_base(tree, node):
             metrics.add(node.id)
@@ -165,7 +165,7 @@ def _eval(node: ast.AST, m: Mapping[str, float], refs: Mapping[str, Mapping[str,
                 ok = False
             left = right
         return ok
-    raise ConfigError(f"{WHERE}: unsupported expression '{ast.unparse(node)}'")  # parse_rule forbids it
+    raise ConfigError.at(WHERE, f"unsupported expression '{ast.unparse(node)}'")  # parse_rule forbids it
 
 
 def decide(rule_text: str | None, metrics: Mapping[str, float],
