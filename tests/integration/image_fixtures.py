@@ -21,6 +21,19 @@ _built: dict[str, str] = {}
 _ids: dict[str, str] = {}
 
 
+def docker(*args: str, check: bool = True, timeout: float = 120, input: str | None = None
+           ) -> subprocess.CompletedProcess:
+    """The real docker CLI; with check, a failure is an AssertionError carrying its output."""
+    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, input=input)
+    if check and r.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r
+
+
+def inspect(ref: str, fmt: str) -> str:
+    return docker("inspect", "--format", fmt, ref).stdout.strip()
+
+
 def ensure_base_image(base: str = BASE_IMAGE) -> str:
     """The local Debian base (no registry here): made by scripts/make-base-image.sh if missing."""
     if subprocess.run(["docker", "image", "inspect", base], capture_output=True).returncode == 0:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLE, missing_part, run_capsule
-from tests.integration.image_fixtures import built_image_id
+from tests.integration.image_fixtures import built_image_id, docker, inspect
 from torchcapsule._util import free_port
 from torchcapsule.image.render import SETUID_ALLOWED
 
@@ -28,15 +28,7 @@ pytestmark = pytest.mark.integration
 UID, GID = 4321, 4322  # the host user the dev box runs as (the tests run as root)
 
 
-def docker(*args, check=True, timeout=120, input=None):
-    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, input=input)
-    if check and r.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)}: {r.stderr}")
-    return r
 
-
-def inspect(ref: str, fmt: str) -> str:
-    return docker("inspect", "--format", fmt, ref).stdout.strip()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import EXAMPLE, run_capsule
 from tests.integration.image_fixtures import (  # noqa: F401  (fixtures)
-    BASE_IMAGE, digits_dev_image, digits_slim_image, ensure_base_image,
+    BASE_IMAGE, digits_dev_image, digits_slim_image, docker, ensure_base_image, inspect,
 )
 from torchcapsule._util import free_port
 
@@ -24,15 +24,7 @@ pytestmark = pytest.mark.integration
 HOST_UID = 4321
 
 
-def docker(*args, check=True, timeout=120):
-    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)}: {r.stderr}")
-    return r
 
-
-def inspect(ref: str, fmt: str) -> str:
-    return docker("inspect", "--format", fmt, ref).stdout.strip()
 
 
 # -- the images ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 from packaging.version import Version
 
 from tests.conftest import EXAMPLE, run_capsule
-from tests.integration.image_fixtures import BASE_IMAGE, ensure_base_image
+from tests.integration.image_fixtures import BASE_IMAGE, docker, ensure_base_image
 from torchcapsule._util import sha256_file
 from torchcapsule.image import lock as lockmod
 
@@ -47,15 +47,10 @@ def _copy_digits(dest: Path, cuda: str) -> Path:
     return dest
 
 
-def docker(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args[:3])}...: {r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return r
 
 
 def in_image(image: str, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return docker("run", "--rm", "--network", "none", *args, image, "bash", "-c", script, check=check)
+    return docker("run", "--rm", "--network", "none", *args, image, "bash", "-c", script, check=check, timeout=600)
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +156,7 @@ pip list --format=freeze | cut -d= -f1 | grep -i -E '^nvidia-' | sed -E 's/-cu1[
 
 def test_doctor_without_gpus_names_the_cause_and_reports_the_image(cuda_slim_image, cuda_project, locked):
     r = docker("run", "--rm", "--network", "none", "-v", f"{cuda_project}:/workspace:ro", cuda_slim_image,
-               "capsule", "doctor", "-f", "/workspace/capsule.yaml", "--json", check=False)
+               "capsule", "doctor", "-f", "/workspace/capsule.yaml", "--json", check=False, timeout=600)
     assert r.returncode == 1, r.stdout + r.stderr  # docs/doctor.md: 1 = an error finding
     report = json.loads(r.stdout)
     assert report["exit_code"] == 1

@@ -6,7 +6,6 @@ semantic tag, so the test is about the push, not about building torch."""
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.error
 import urllib.request
 import uuid
@@ -14,7 +13,7 @@ import uuid
 import pytest
 
 from tests.conftest import missing_part, run_capsule
-from tests.integration.image_fixtures import ensure_base_image
+from tests.integration.image_fixtures import docker, ensure_base_image
 from torchcapsule._util import free_port
 
 REGISTRY = "127.0.0.1:5070"
@@ -39,11 +38,6 @@ def registry(docker_engine) -> str:
     return REGISTRY
 
 
-def docker(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)}: {r.stderr}")
-    return r
 
 
 @pytest.fixture()
