@@ -233,7 +233,9 @@ def list_models(*, project: "Project | None" = None, tracking_uri: str | None = 
 # Alembic revisions of MLflow's schema whose registry tables _list_models_sqlite was checked
 # against (tests/integration/test_registry_mlflow.py compares it with the MLflow client's answer).
 # Any other revision, or any SQL error, falls back to the MLflow client.
-KNOWN_SCHEMAS = frozenset({"dc11669786a5"})  # MLflow 3.17
+# MLflow 3.18 (f4a9b2c7d1e6) adds skill-registry, issue and MCP tables after 3.17 (dc11669786a5)
+# and leaves registered_models, model_versions and registered_model_aliases as they were.
+KNOWN_SCHEMAS = frozenset({"dc11669786a5", "f4a9b2c7d1e6"})  # MLflow 3.17, 3.18
 
 
 def _list_models_sqlite(db: Path) -> list[dict[str, Any]] | None:
