@@ -38,8 +38,6 @@ def registry(docker_engine) -> str:
     return REGISTRY
 
 
-
-
 @pytest.fixture()
 def project(tmp_path, docker_engine):
     """A project whose slim image (its semantic tag) is a small Debian image with a marker file."""

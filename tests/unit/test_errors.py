@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from torchcapsule import errors
 
 
@@ -81,9 +83,6 @@ def test_an_error_about_a_field_carries_the_field_not_only_in_its_text():
     assert (err.where, err.problem) == ("image.cuda", "torch 2.13.0: no: colon parsing here")
     assert FieldError.of(err).loc == ("image", "cuda")
     # compat's own refusals name their field the same way (config puts them on that line)
-    try:
-        load_matrix().check("2.13.0", "11.8", "3.11")
-    except errors.CompatError as e:
-        assert e.where == "image.cuda" and str(e) == f"image.cuda: {e.problem}"
-    else:
-        raise AssertionError("torch 2.13.0 has no CUDA 11.8 build")
+    with pytest.raises(errors.CompatError) as e:
+        load_matrix().check("2.13.0", "11.8", "3.11")  # torch 2.13.0 has no CUDA 11.8 build
+    assert e.value.where == "image.cuda" and str(e.value) == f"image.cuda: {e.value.problem}"
